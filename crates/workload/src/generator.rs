@@ -191,8 +191,9 @@ pub fn parse_mix(spec: &str) -> Result<Vec<MixPart>, WorkloadError> {
 
 /// Synthetic prefix sharing for traces that carry none.
 ///
-/// Each request joins one of `groups` groups (Zipf popularity with exponent `group_skew`; 0 is
-/// uniform). Each group owns a template (a system prompt or few-shot block) made of
+/// Each request joins one of `groups` groups of its mix part (each part stands for a task with
+/// its own prompts; Zipf popularity with exponent `group_skew`, 0 is uniform). Each group owns a
+/// template (a system prompt or few-shot block) made of
 /// `block_tokens`-token blocks. A request of `p` prompt tokens starts with the first
 /// `floor(sharing_ratio * p / block_tokens)` blocks of its group's template (always leaving at
 /// least one unique token) and ends with a unique remainder. Two requests of one group therefore
@@ -225,7 +226,15 @@ pub struct GeneratorConfig {
     pub synthetic_prefix: Option<SyntheticPrefix>,
     /// Requests whose prompt exceeds this are left out of the pools (counted in the report).
     pub max_prompt_tokens: Option<u32>,
+    /// The `max_tokens` each request asks for, as a user of a batch API would set it; raised to
+    /// the recorded output length where that is longer. Traces record what was generated, not
+    /// what was asked, so this must not default to the recorded length (that would tell every
+    /// scheduler the true output lengths).
+    pub max_tokens: u32,
 }
+
+/// A typical batch-API `max_tokens` (long enough for every output in the shared traces).
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// Trace records by pool name.
 #[derive(Clone, Debug, Default)]
@@ -291,7 +300,7 @@ pub fn generate(
         .map(GroupSampler::new)
         .transpose()?;
 
-    for (part, count) in config.mix.iter().zip(counts) {
+    for (part_index, (part, count)) in config.mix.iter().zip(counts).enumerate() {
         let records = pools.get(&part.pool).ok_or_else(|| {
             WorkloadError::Spec(format!("no trace loaded for pool `{}`", part.pool))
         })?;
@@ -325,6 +334,7 @@ pub fn generate(
                 let prompt = build_prompt(
                     record,
                     epoch,
+                    part_index as u64,
                     templates.as_ref(),
                     &mut rng,
                     &mut ids,
@@ -337,7 +347,7 @@ pub fn generate(
                 workload.requests.push(Request {
                     id,
                     prompt,
-                    max_tokens: record.output_tokens,
+                    max_tokens: config.max_tokens.max(record.output_tokens),
                     output_tokens: Some(record.output_tokens),
                     source,
                 });
@@ -409,6 +419,7 @@ impl GroupSampler {
 fn build_prompt(
     record: &TraceRecord,
     epoch: u64,
+    part_index: u64,
     templates: Option<&GroupSampler>,
     rng: &mut impl Rng,
     ids: &mut ContentIdAllocator,
@@ -442,7 +453,8 @@ fn build_prompt(
         if blocks > 0 {
             let group = sampler.sample_group(rng);
             for k in 0..u64::from(blocks) {
-                prompt.push(Chunk::new(Namespace::Template.id((group << 32) | k), block));
+                let id = ((part_index & 0xff) << 48) | ((group & 0xff_ffff) << 24) | k;
+                prompt.push(Chunk::new(Namespace::Template.id(id), block));
             }
         }
     }
@@ -500,6 +512,7 @@ mod tests {
                 group_skew: 0.0,
             }),
             max_prompt_tokens: None,
+            max_tokens: DEFAULT_MAX_TOKENS,
         };
         let (workload, _) = generate(&config, &pools).unwrap();
         assert_eq!(workload.len(), 200);
@@ -527,6 +540,7 @@ mod tests {
             seed: 1,
             synthetic_prefix: None,
             max_prompt_tokens: None,
+            max_tokens: DEFAULT_MAX_TOKENS,
         };
         let (workload, report) = generate(&config, &pools).unwrap();
         assert_eq!(workload.len(), 5);
@@ -549,8 +563,27 @@ mod tests {
             seed: 1,
             synthetic_prefix: None,
             max_prompt_tokens: None,
+            max_tokens: DEFAULT_MAX_TOKENS,
         };
         let err = generate(&config, &pools).unwrap_err().to_string();
         assert!(err.contains("matches no request"), "{err}");
     }
+}
+
+/// Every record of one pool, in file order, as requests with their recorded lengths.
+pub fn trace_in_file_order(pool: &str, pools: &TracePools) -> Workload {
+    let mut ids = ContentIdAllocator::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut workload = Workload::default();
+    let source = workload.source_index(pool);
+    for record in pools.get(pool).unwrap_or(&[]) {
+        workload.requests.push(Request {
+            id: format!("{pool}-{}", record.line),
+            prompt: build_prompt(record, 0, 0, None, &mut rng, &mut ids),
+            max_tokens: DEFAULT_MAX_TOKENS.max(record.output_tokens),
+            output_tokens: Some(record.output_tokens),
+            source,
+        });
+    }
+    workload
 }

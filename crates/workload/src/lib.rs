@@ -12,10 +12,12 @@ mod chunk;
 mod error;
 pub mod generator;
 pub mod native;
+mod spec;
 pub mod traces;
 
 pub use chunk::{Chunk, ContentIdAllocator, Namespace};
 pub use error::WorkloadError;
+pub use spec::WorkloadSpec;
 
 use serde::{Deserialize, Serialize};
 
@@ -106,4 +108,36 @@ impl Workload {
             prompt_tokens_max: prompt.iter().copied().max().unwrap_or(0),
         }
     }
+}
+
+/// Loads a workload file, telling the format by its content: an Azure trace CSV, a Mooncake
+/// trace JSONL (objects with `hash_ids`), or the native JSONL. Trace requests keep file order and
+/// their recorded output lengths (`max_tokens` = [`generator::DEFAULT_MAX_TOKENS`] or the
+/// recorded length if longer).
+pub fn load_file(path: &std::path::Path) -> Result<Workload, WorkloadError> {
+    use std::io::BufRead;
+    let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let records = if is_csv {
+        traces::read_azure_csv(path)?
+    } else {
+        let file = std::fs::File::open(path).map_err(|e| WorkloadError::io(path, e))?;
+        let mut first = String::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(|e| WorkloadError::io(path, e))?;
+            if !line.trim().is_empty() {
+                first = line;
+                break;
+            }
+        }
+        if !first.contains("\"hash_ids\"") {
+            return native::read_native_jsonl(path);
+        }
+        traces::read_mooncake_jsonl(path)?
+    };
+    let name = path
+        .file_stem()
+        .map_or_else(|| "trace".to_string(), |s| s.to_string_lossy().into_owned());
+    let mut pools = generator::TracePools::default();
+    pools.insert(name.clone(), records);
+    Ok(generator::trace_in_file_order(&name, &pools))
 }

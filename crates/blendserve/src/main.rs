@@ -1,0 +1,40 @@
+//! `blendserve`: offline batch inference, and the simulator that plans it.
+
+mod args;
+mod sim_cmd;
+mod table;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "blendserve", version, about = "Offline batch inference with resource-aware batching")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Simulate policies on a workload with the calibrated performance model.
+    Sim(sim_cmd::SimArgs),
+    /// Generate a workload (trace mix + synthetic prefix sharing) as native JSONL.
+    Generate(sim_cmd::GenerateArgs),
+    /// Describe a workload: sizes, prefix sharing, compute density spread.
+    Inspect(sim_cmd::InspectArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Sim(args) => sim_cmd::run_sim(&args),
+        Command::Generate(args) => sim_cmd::run_generate(&args),
+        Command::Inspect(args) => sim_cmd::run_inspect(&args),
+    }
+}

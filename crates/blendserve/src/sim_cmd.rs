@@ -1,0 +1,237 @@
+//! `blendserve sim`, `generate` and `inspect`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use scheduler::{Executor, LengthKnowledge, PolicyKind};
+use sim::{SimConfig, Simulation};
+
+use crate::args::WorkloadArgs;
+use crate::table;
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Policies: a comma list of fcfs, random, dfs, blendserve, blendserve-norelax,
+    /// blendserve-noscan, blendserve-flat; `all` for the main four, `ablation` for BlendServe's.
+    #[arg(long, default_value = "all")]
+    pub policy: String,
+    /// Model preset (llama3-8b, llama3-70b, llama2-7b, qwen2.5-7b, qwen2.5-1.5b, qwen2.5-0.5b).
+    #[arg(long, default_value = "llama3-8b")]
+    pub model: String,
+    /// Hardware preset (h100, h200, a100-80g).
+    #[arg(long, default_value = "h100")]
+    pub hardware: String,
+    /// TOML file overriding model and hardware fields ([model], [hardware] tables).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Executors, comma list: sum (operators in sequence), max (perfect compute/memory overlap),
+    /// partial:E (overlap efficiency E).
+    #[arg(long, default_value = "sum,max")]
+    pub executor: String,
+    /// What the scheduler knows of output lengths: sampled, sampled:F, known, max-tokens.
+    #[arg(long, default_value = "sampled")]
+    pub lengths: String,
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: u32,
+    /// Prefill budget per step: auto (each policy's own: fixed for fcfs/random/dfs, balanced
+    /// for blendserve), fixed (fill max-batch-tokens), balanced (size prefill to the step's
+    /// memory time).
+    #[arg(long, default_value = "auto")]
+    pub token_budget: String,
+    #[arg(long, default_value_t = 1024)]
+    pub max_running: u32,
+    /// KV reserved at admission for running sequences' estimated remaining output, as a ratio
+    /// that starts here and decays to --reserve-ratio-min (SGLang's new_token_ratio).
+    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_init)]
+    pub reserve_ratio_init: f64,
+    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_min)]
+    pub reserve_ratio_min: f64,
+    #[arg(long, default_value_t = 16)]
+    pub block_tokens: u32,
+    /// Fraction of device memory for weights, activations and KV cache.
+    #[arg(long, default_value_t = 0.9)]
+    pub kv_memory_fraction: f64,
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// CSV file for the results (one row per policy and executor).
+    #[arg(long, default_value = "sim-results.csv")]
+    pub csv: PathBuf,
+}
+
+pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig> {
+    let mut config = SimConfig::from_presets(&args.model, &args.hardware, args.config.as_deref(), executor)?;
+    config.scheduler.max_batch_tokens = args.max_batch_tokens;
+    config.scheduler.max_running = args.max_running;
+    config.scheduler.reserve_ratio_init = args.reserve_ratio_init;
+    config.scheduler.reserve_ratio_min = args.reserve_ratio_min;
+    config.scheduler.token_budget = args.token_budget.parse()?;
+    config.scheduler.block_tokens = args.block_tokens;
+    config.scheduler.enable_prefix_caching = !args.no_prefix_caching;
+    config.kv_memory_fraction = args.kv_memory_fraction;
+    config.lengths = args.lengths.parse::<LengthKnowledge>()?;
+    config.seed = args.workload.seed;
+    Ok(config)
+}
+
+pub fn run_sim(args: &SimArgs) -> Result<()> {
+    let policies = PolicyKind::parse_list(&args.policy)?;
+    let executors: Vec<Executor> = args
+        .executor
+        .split(',')
+        .map(|e| e.trim().parse::<Executor>())
+        .collect::<Result<_, _>>()?;
+    let (workload, workload_name) = args.workload.load()?;
+    if workload.is_empty() {
+        bail!("the workload has no requests");
+    }
+    let summary = workload.summary();
+    tracing::info!(
+        "workload {workload_name}: {} requests, prompt mean {:.0} tokens, output mean {:.0} tokens",
+        summary.requests,
+        summary.prompt_tokens_mean,
+        summary.output_tokens_mean
+    );
+    let mut reports = Vec::new();
+    for &executor in &executors {
+        let config = build_sim_config(args, executor)?;
+        let simulation = Simulation::new(&workload, config)?;
+        let p = simulation.preparation();
+        tracing::info!(
+            "executor {executor}: tree of {} nodes in {:.2}s, sharing ratio {:.1}%, {} KV blocks, optimal bound {:.1}s",
+            p.tree.nodes().len(),
+            p.build_secs,
+            100.0 * p.tree.sharing_ratio(),
+            simulation.kv_config().num_blocks,
+            simulation.bound().secs
+        );
+        for (name, kind) in &policies {
+            let bar = ProgressBar::new(workload.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} requests, {elapsed}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{name} ({executor})"));
+            let mut report = simulation.run(name, kind, &mut |done, _| bar.set_position(done))?;
+            report.workload = workload_name.clone();
+            bar.finish_and_clear();
+            if !report.rejections.is_empty() {
+                let (r, why) = &report.rejections[0];
+                tracing::warn!(
+                    "{} requests rejected; first: {}: {why}",
+                    report.rejections.len(),
+                    workload.requests[*r as usize].id
+                );
+            }
+            reports.push(report);
+        }
+    }
+    let header = [
+        "policy", "executor", "budget", "makespan_s", "tok/s", "out_tok/s", "prefix_hit", "kv_util", "compute_util",
+        "memory_util", "preempt", "%optimal",
+    ];
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| {
+            vec![
+                r.policy.clone(),
+                r.executor.clone(),
+                r.token_budget.clone(),
+                format!("{:.1}", r.makespan_secs),
+                format!("{:.0}", r.total_tokens_per_sec),
+                format!("{:.0}", r.output_tokens_per_sec),
+                format!("{:.1}%", 100.0 * r.prefix_hit_ratio),
+                format!("{:.1}%", 100.0 * r.kv_utilization),
+                format!("{:.1}%", 100.0 * r.compute_utilization),
+                format!("{:.1}%", 100.0 * r.memory_utilization),
+                r.preemptions.to_string(),
+                format!("{:.1}%", r.percent_of_optimal),
+            ]
+        })
+        .collect();
+    println!("{}", table::render(&header, &rows));
+    let mut writer = csv::Writer::from_path(&args.csv)
+        .with_context(|| format!("cannot write {}", args.csv.display()))?;
+    for report in &reports {
+        writer.serialize(report)?;
+    }
+    writer.flush()?;
+    println!("wrote {}", args.csv.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Output native JSONL file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_generate(args: &GenerateArgs) -> Result<()> {
+    let (workload, _) = args.workload.load()?;
+    let file = File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut out = BufWriter::new(file);
+    workload::native::write_native_jsonl(&workload, &mut out)?;
+    out.flush()?;
+    println!("wrote {} requests to {}", workload.len(), args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[arg(long, default_value = "llama3-8b")]
+    pub model: String,
+    #[arg(long, default_value = "h100")]
+    pub hardware: String,
+}
+
+pub fn run_inspect(args: &InspectArgs) -> Result<()> {
+    let (workload, name) = args.workload.load()?;
+    let mut config = SimConfig::from_presets(&args.model, &args.hardware, None, Executor::Overlapped)?;
+    config.lengths = LengthKnowledge::Known;
+    let simulation = Simulation::new(&workload, config)?;
+    let p = simulation.preparation();
+    let s = workload.summary();
+    println!("workload      {name}");
+    println!("requests      {}", s.requests);
+    println!("prompt tokens mean {:.0}, max {}, total {}", s.prompt_tokens_mean, s.prompt_tokens_max, s.prompt_tokens_total);
+    println!("output tokens mean {:.0}, total {}", s.output_tokens_mean, s.output_tokens_total);
+    println!("prefix tree   {} nodes, sharing ratio {:.1}%", p.tree.nodes().len(), 100.0 * p.tree.sharing_ratio());
+    let total = p.annotation.total();
+    println!(
+        "demand        compute {:.1}s, memory {:.1}s, density {:.2} ({} {})",
+        total.compute_secs,
+        total.memory_secs,
+        total.density(),
+        args.model,
+        args.hardware
+    );
+    let mut densities: Vec<f64> = p.annotation.attributed.iter().map(|d| d.density()).collect();
+    densities.sort_by(f64::total_cmp);
+    let q = |f: f64| densities[((densities.len() - 1) as f64 * f) as usize];
+    println!(
+        "request density quantiles: p10 {:.2}  p25 {:.2}  p50 {:.2}  p75 {:.2}  p90 {:.2}; memory-bound (<1): {:.1}%",
+        q(0.1),
+        q(0.25),
+        q(0.5),
+        q(0.75),
+        q(0.9),
+        100.0 * densities.iter().filter(|&&d| d < 1.0).count() as f64 / densities.len() as f64
+    );
+    let b = simulation.bound();
+    println!(
+        "optimal bound {:.1}s (compute {:.1}s, memory {:.1}s, {} steps)",
+        b.secs, b.compute_secs, b.memory_secs, b.min_steps
+    );
+    Ok(())
+}

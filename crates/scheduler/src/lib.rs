@@ -1,0 +1,33 @@
+//! The scheduler shared, unchanged, by the engine and the simulator.
+//!
+//! Owns: the performance model (model and hardware descriptions, per-step and per-request
+//! compute and memory time, executors, the optimal bound), offline preparation (prefix tree,
+//! output-length estimates, resource annotation), the [`Policy`] trait and its implementations
+//! (FCFS, random, DFS, BlendServe and its ablations), and batch formation under token, sequence
+//! and KV-memory budgets with chunked prefill, prefix reuse and preemption.
+//!
+//! Must not touch: GPUs, tensors or clocks. It decides; the driver (engine or simulator) runs
+//! the step and reports back.
+
+mod batch;
+mod bound;
+pub mod config;
+pub mod perf;
+pub mod policy;
+mod prepare;
+
+pub use batch::{
+    FinishReason, Finished, Rejection, RequestEstimates, ScheduledItem, Scheduler, SchedulerConfig, SchedulerStats,
+    StepPlan, TokenBudget,
+};
+pub use bound::{optimal_bound, OptimalBound};
+pub use config::{HardwareConfig, ModelConfig, OverrideFile};
+pub use perf::{Executor, PerfModel, StepCost, StepTime};
+pub use policy::{BatchView, Policy, PolicyInput, PolicyKind};
+pub use prepare::{estimate_output_tokens, LengthKnowledge, Preparation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("{0}")]
+    Config(String),
+}

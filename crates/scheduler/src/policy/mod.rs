@@ -1,0 +1,158 @@
+//! Scheduling policies: who is admitted next.
+//!
+//! A policy sees the whole offline workload up front (through [`PolicyInput`]) and answers one
+//! question per admission: which request next? Batch formation, KV memory, chunked prefill and
+//! preemption are the [`crate::Scheduler`]'s, identical for every policy. To add a policy,
+//! implement [`Policy`] in a new file here and add one arm to [`PolicyKind`].
+
+mod blendserve;
+mod dfs;
+mod dual_scanner;
+mod fcfs;
+mod random;
+
+pub use blendserve::{BlendServeConfig, BlendServePolicy, LeafOrder};
+pub use dfs::DfsPolicy;
+pub use dual_scanner::DualScanner;
+pub use fcfs::FcfsPolicy;
+pub use random::RandomPolicy;
+
+use kv_cache::KvUsage;
+use prefix_tree::{Demand, RequestIndex};
+
+use crate::prepare::Preparation;
+use crate::SchedulerError;
+
+/// What a policy may look at when choosing.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchView {
+    /// Requests running now.
+    pub running: usize,
+    /// Estimated demand of the running requests (attributed demand, summed at admission).
+    pub running_demand: Demand,
+    pub kv: KvUsage,
+}
+
+/// Chooses the order in which waiting requests are admitted.
+pub trait Policy: Send {
+    fn name(&self) -> &str;
+    /// The next request to admit, or `None` when every request has been handed out. A request
+    /// handed out is the scheduler's from then on (it retries it itself if memory is short).
+    fn next(&mut self, view: &BatchView) -> Option<RequestIndex>;
+    /// Requests not handed out yet.
+    fn remaining(&self) -> usize;
+    /// The token budget this policy is designed for (used unless the run overrides it).
+    fn preferred_budget(&self) -> crate::TokenBudget {
+        crate::TokenBudget::Fixed
+    }
+}
+
+/// Everything a policy is built from.
+pub struct PolicyInput<'a> {
+    pub preparation: &'a Preparation,
+    pub perf: &'a crate::PerfModel,
+    pub seed: u64,
+}
+
+/// The policies this crate provides, by name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyKind {
+    Fcfs,
+    Random,
+    Dfs,
+    BlendServe(BlendServeConfig),
+}
+
+impl PolicyKind {
+    /// The policies compared by default.
+    pub const MAIN: [&'static str; 4] = ["fcfs", "random", "dfs", "blendserve"];
+    /// BlendServe's ablations.
+    pub const ABLATIONS: [&'static str; 4] = [
+        "blendserve",
+        "blendserve-norelax",
+        "blendserve-noscan",
+        "blendserve-flat",
+    ];
+
+    pub fn parse(name: &str) -> Result<PolicyKind, SchedulerError> {
+        Ok(match name {
+            "fcfs" | "vllm" => PolicyKind::Fcfs,
+            "random" => PolicyKind::Random,
+            "dfs" | "lpm" | "sglang" => PolicyKind::Dfs,
+            "blendserve" => PolicyKind::BlendServe(BlendServeConfig::default()),
+            "blendserve-norelax" => PolicyKind::BlendServe(BlendServeConfig {
+                relax: prefix_tree::RelaxConfig::OFF,
+                ..BlendServeConfig::default()
+            }),
+            "blendserve-noscan" => PolicyKind::BlendServe(BlendServeConfig {
+                dual_scan: false,
+                ..BlendServeConfig::default()
+            }),
+            "blendserve-flat" => PolicyKind::BlendServe(BlendServeConfig {
+                leaf_order: LeafOrder::FlatDensity,
+                ..BlendServeConfig::default()
+            }),
+            _ => {
+                let mut known: Vec<&str> = Self::MAIN.to_vec();
+                known.extend_from_slice(&Self::ABLATIONS[1..]);
+                return Err(SchedulerError::Config(format!(
+                    "unknown policy `{name}` (known: {})",
+                    known.join(", ")
+                )));
+            }
+        })
+    }
+
+    /// Expands `all` and `ablation` and splits comma lists.
+    pub fn parse_list(spec: &str) -> Result<Vec<(String, PolicyKind)>, SchedulerError> {
+        let mut out = Vec::new();
+        for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let names: Vec<&str> = match name {
+                "all" => Self::MAIN.to_vec(),
+                "ablation" => Self::ABLATIONS.to_vec(),
+                other => vec![other],
+            };
+            for n in names {
+                if !out.iter().any(|(existing, _)| existing == n) {
+                    out.push((n.to_string(), PolicyKind::parse(n)?));
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(SchedulerError::Config("no policy named".into()));
+        }
+        Ok(out)
+    }
+
+    pub fn build(&self, input: &PolicyInput<'_>) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::Fcfs => Box::new(FcfsPolicy::new(input)),
+            PolicyKind::Random => Box::new(RandomPolicy::new(input)),
+            PolicyKind::Dfs => Box::new(DfsPolicy::new(input)),
+            PolicyKind::BlendServe(config) => Box::new(BlendServePolicy::new(input, config.clone())),
+        }
+    }
+}
+
+/// Hands out a fixed order front to back; the building block of the static policies.
+#[derive(Clone, Debug)]
+pub(crate) struct FixedOrder {
+    order: Vec<RequestIndex>,
+    next: usize,
+}
+
+impl FixedOrder {
+    pub(crate) fn new(order: Vec<RequestIndex>) -> Self {
+        FixedOrder { order, next: 0 }
+    }
+
+    pub(crate) fn next(&mut self) -> Option<RequestIndex> {
+        let r = self.order.get(self.next).copied();
+        self.next += usize::from(r.is_some());
+        r
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.order.len() - self.next
+    }
+}

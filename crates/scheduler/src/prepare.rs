@@ -1,0 +1,181 @@
+//! Offline preparation shared by all policies: the prefix tree, output-length estimates and the
+//! resource annotation they imply.
+
+use std::str::FromStr;
+use std::time::Instant;
+
+use prefix_tree::{NodeId, PrefixTree, ResourceAnnotation, ROOT};
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use workload::Workload;
+
+use crate::perf::PerfModel;
+use crate::SchedulerError;
+
+/// What the scheduler may know about output lengths before running.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LengthKnowledge {
+    /// The true lengths (an oracle; for ablations only).
+    Known,
+    /// BlendServe's estimate: run a random sample of `fraction` of the requests (at least
+    /// `min_samples`), and give each request the mean output length of the sampled requests in
+    /// the deepest prefix subtree holding at least `min_node_samples` of them.
+    Sampled {
+        fraction: f64,
+        min_samples: usize,
+        min_node_samples: u32,
+    },
+    /// Assume every request runs to `max_tokens`.
+    MaxTokens,
+}
+
+impl Default for LengthKnowledge {
+    fn default() -> Self {
+        LengthKnowledge::Sampled {
+            fraction: 0.01,
+            min_samples: 64,
+            min_node_samples: 4,
+        }
+    }
+}
+
+impl FromStr for LengthKnowledge {
+    type Err = SchedulerError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "known" => Ok(LengthKnowledge::Known),
+            "sampled" | "estimated" => Ok(LengthKnowledge::default()),
+            "max-tokens" => Ok(LengthKnowledge::MaxTokens),
+            other => {
+                let fraction = other
+                    .strip_prefix("sampled:")
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .filter(|f| *f > 0.0 && *f <= 1.0)
+                    .ok_or_else(|| {
+                        SchedulerError::Config(format!(
+                            "unknown length knowledge `{other}` (known, sampled, sampled:F, max-tokens)"
+                        ))
+                    })?;
+                match LengthKnowledge::default() {
+                    LengthKnowledge::Sampled {
+                        min_samples,
+                        min_node_samples,
+                        ..
+                    } => Ok(LengthKnowledge::Sampled {
+                        fraction,
+                        min_samples,
+                        min_node_samples,
+                    }),
+                    other => Ok(other),
+                }
+            }
+        }
+    }
+}
+
+/// The tree, estimates and annotation for one workload on one performance model.
+pub struct Preparation {
+    pub tree: PrefixTree,
+    /// Output length each request is expected to produce (what policies see).
+    pub estimated_output_tokens: Vec<u32>,
+    pub annotation: ResourceAnnotation,
+    pub build_secs: f64,
+    pub estimate_secs: f64,
+    pub annotate_secs: f64,
+}
+
+impl Preparation {
+    pub fn new(
+        workload: &Workload,
+        perf: &PerfModel,
+        knowledge: LengthKnowledge,
+        seed: u64,
+    ) -> Preparation {
+        let t0 = Instant::now();
+        let prompts: Vec<&[workload::Chunk]> =
+            workload.requests.iter().map(|r| r.prompt.as_slice()).collect();
+        let tree = PrefixTree::build(&prompts);
+        let t1 = Instant::now();
+        let estimated_output_tokens = estimate_output_tokens(workload, &tree, knowledge, seed);
+        let t2 = Instant::now();
+        let annotation = ResourceAnnotation::compute(&tree, perf, &|r| {
+            u64::from(estimated_output_tokens[r as usize])
+        });
+        let t3 = Instant::now();
+        Preparation {
+            tree,
+            estimated_output_tokens,
+            annotation,
+            build_secs: (t1 - t0).as_secs_f64(),
+            estimate_secs: (t2 - t1).as_secs_f64(),
+            annotate_secs: (t3 - t2).as_secs_f64(),
+        }
+    }
+}
+
+/// Output-length estimates under `knowledge`, each clamped to `[1, max_tokens]`.
+pub fn estimate_output_tokens(
+    workload: &Workload,
+    tree: &PrefixTree,
+    knowledge: LengthKnowledge,
+    seed: u64,
+) -> Vec<u32> {
+    let requests = &workload.requests;
+    match knowledge {
+        LengthKnowledge::Known => requests.iter().map(|r| r.sim_output_tokens()).collect(),
+        LengthKnowledge::MaxTokens => requests.iter().map(|r| r.max_tokens.max(1)).collect(),
+        LengthKnowledge::Sampled {
+            fraction,
+            min_samples,
+            min_node_samples,
+        } => {
+            // Only requests whose length the sample run would reveal can be sampled.
+            let observable: Vec<usize> = (0..requests.len())
+                .filter(|&i| requests[i].output_tokens.is_some())
+                .collect();
+            let want = ((observable.len() as f64 * fraction).ceil() as usize)
+                .max(min_samples)
+                .min(observable.len());
+            if want == 0 {
+                return requests.iter().map(|r| r.max_tokens.max(1)).collect();
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a3b_1e5e);
+            let nodes = tree.nodes();
+            let mut count = vec![0u32; nodes.len()];
+            let mut sum = vec![0f64; nodes.len()];
+            for k in sample(&mut rng, observable.len(), want) {
+                let r = observable[k];
+                let leaf = tree.leaf_of(r as u32) as usize;
+                count[leaf] += 1;
+                sum[leaf] += f64::from(requests[r].sim_output_tokens());
+            }
+            let preorder = tree.preorder();
+            for &id in preorder.iter().rev() {
+                if id != ROOT {
+                    let parent = nodes[id as usize].parent as usize;
+                    count[parent] += count[id as usize];
+                    sum[parent] += sum[id as usize];
+                }
+            }
+            // Top-down: a node without enough samples inherits its parent's estimate.
+            let mut estimate = vec![0f64; nodes.len()];
+            for &id in &preorder {
+                let i = id as usize;
+                estimate[i] = if id == ROOT || count[i] >= min_node_samples {
+                    sum[i] / f64::from(count[i].max(1))
+                } else {
+                    estimate[nodes[i].parent as usize]
+                };
+            }
+            requests
+                .iter()
+                .enumerate()
+                .map(|(r, req)| {
+                    let node: NodeId = tree.leaf_of(r as u32);
+                    (estimate[node as usize].round() as u32).clamp(1, req.max_tokens.max(1))
+                })
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Discrete-step trace simulator.
+//!
+//! Owns: driving the *same* [`scheduler::Scheduler`] and [`kv_cache`] the engine uses, with step
+//! times from the [`scheduler::PerfModel`] instead of a GPU, and the per-policy report (makespan,
+//! throughput, prefix-hit ratio, KV and resource utilisation, % of the optimal bound).
+//!
+//! Must not touch: scheduling decisions (all in the scheduler crate) or any GPU code.
+
+use std::time::Instant;
+
+use kv_cache::KvCacheConfig;
+use prefix_tree::RequestIndex;
+use scheduler::{
+    optimal_bound, Executor, HardwareConfig, LengthKnowledge, ModelConfig, OptimalBound, PerfModel,
+    PolicyInput, PolicyKind, Preparation, Rejection, RequestEstimates, Scheduler, SchedulerConfig, SchedulerError,
+    TokenBudget,
+};
+use serde::Serialize;
+use workload::Workload;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("simulation stalled at step {step}: {unfinished} requests unfinished but nothing could be scheduled")]
+    Stalled { step: u64, unfinished: usize },
+}
+
+/// Everything a simulation run depends on besides the workload and the policy.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimConfig {
+    pub model: ModelConfig,
+    pub hardware: HardwareConfig,
+    pub executor: Executor,
+    pub scheduler: SchedulerConfig,
+    /// Fraction of device memory for weights, activations and the KV cache.
+    pub kv_memory_fraction: f64,
+    #[serde(skip)]
+    pub lengths: LengthKnowledge,
+    pub seed: u64,
+    /// Keep one [`StepRecord`] every this many steps (0: none).
+    pub timeline_every: u64,
+}
+
+impl SimConfig {
+    /// Model and hardware from presets, then an optional override TOML file's `[model]` and
+    /// `[hardware]` tables.
+    pub fn from_presets(
+        model: &str,
+        hardware: &str,
+        overrides: Option<&std::path::Path>,
+        executor: Executor,
+    ) -> Result<SimConfig, SchedulerError> {
+        let file = match overrides {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    SchedulerError::Config(format!("cannot read {}: {e}", path.display()))
+                })?;
+                scheduler::OverrideFile::parse(&text)
+                    .map_err(|e| SchedulerError::Config(format!("{}: {e}", path.display())))?
+            }
+            None => scheduler::OverrideFile::default(),
+        };
+        Ok(SimConfig::new(file.model(model)?, file.hardware(hardware)?, executor))
+    }
+
+    pub fn new(model: ModelConfig, hardware: HardwareConfig, executor: Executor) -> Self {
+        SimConfig {
+            model,
+            hardware,
+            executor,
+            scheduler: SchedulerConfig::default(),
+            kv_memory_fraction: 0.9,
+            lengths: LengthKnowledge::default(),
+            seed: 0,
+            timeline_every: 0,
+        }
+    }
+}
+
+/// One sampled step, for timeline plots.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub clock_secs: f64,
+    pub step_secs: f64,
+    pub compute_secs: f64,
+    pub memory_secs: f64,
+    pub prefill_tokens: u64,
+    pub decode_sequences: u64,
+    pub running: usize,
+    pub kv_used_fraction: f64,
+}
+
+/// What one policy achieved on one workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimReport {
+    /// Set by the caller (the simulator does not know the workload's name).
+    pub workload: String,
+    pub model: String,
+    pub hardware: String,
+    pub policy: String,
+    pub executor: String,
+    pub token_budget: String,
+    pub lengths: String,
+    pub requests: usize,
+    pub finished: u64,
+    pub rejected: u64,
+    pub steps: u64,
+    pub makespan_secs: f64,
+    /// Prompt tokens of finished requests.
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    /// Output tokens per second.
+    pub output_tokens_per_sec: f64,
+    /// Prompt plus output tokens per second (the paper's throughput).
+    pub total_tokens_per_sec: f64,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub prefix_hit_ratio: f64,
+    /// What a perfect prefix cache would save (from the tree).
+    pub sharing_ratio: f64,
+    /// Time-weighted fraction of KV blocks held by running sequences.
+    pub kv_utilization: f64,
+    /// Busy time of each resource over the makespan.
+    pub compute_utilization: f64,
+    pub memory_utilization: f64,
+    pub preemptions: u64,
+    pub preempted_tokens: u64,
+    pub optimal_secs: f64,
+    /// Optimal bound over makespan, in percent.
+    pub percent_of_optimal: f64,
+    /// Wall time to prepare (tree, estimates) and build the policy's order.
+    pub schedule_wall_secs: f64,
+    /// Wall time of the whole simulated run.
+    pub sim_wall_secs: f64,
+    #[serde(skip)]
+    pub timeline: Vec<StepRecord>,
+    #[serde(skip)]
+    pub rejections: Vec<(RequestIndex, Rejection)>,
+}
+
+fn token_budget_label(budget: TokenBudget) -> String {
+    match budget {
+        TokenBudget::Balanced { target_density, .. } => format!("balanced:{target_density:.2}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// One workload prepared once, then simulated under any number of policies.
+pub struct Simulation<'w> {
+    workload: &'w Workload,
+    config: SimConfig,
+    perf: PerfModel,
+    kv: KvCacheConfig,
+    preparation: Preparation,
+    bound: OptimalBound,
+    prepare_wall_secs: f64,
+    targets: Vec<u32>,
+}
+
+impl<'w> Simulation<'w> {
+    pub fn new(workload: &'w Workload, config: SimConfig) -> Result<Self, SimError> {
+        let started = Instant::now();
+        let mut perf = PerfModel::new(config.model.clone(), config.hardware.clone(), config.executor);
+        let sched = &config.scheduler;
+        let num_blocks =
+            perf.kv_capacity_blocks(config.kv_memory_fraction, sched.block_tokens, sched.max_batch_tokens)?;
+        let capacity_tokens = f64::from(num_blocks) * f64::from(sched.block_tokens);
+        let mean_prompt = workload.summary().prompt_tokens_mean.max(1.0);
+        perf.decode_concurrency_hint = (capacity_tokens / mean_prompt).clamp(1.0, f64::from(sched.max_running));
+        let kv = KvCacheConfig {
+            block_tokens: sched.block_tokens,
+            num_blocks,
+            bytes_per_token: config.model.kv_bytes_per_token(),
+            enable_prefix_caching: sched.enable_prefix_caching,
+        };
+        let preparation = Preparation::new(workload, &perf, config.lengths, config.seed);
+        let bound = optimal_bound(workload, &preparation.tree, &perf, sched.max_batch_tokens, sched.max_running);
+        let targets = workload.requests.iter().map(|r| r.sim_output_tokens()).collect();
+        Ok(Simulation {
+            workload,
+            perf,
+            kv,
+            preparation,
+            bound,
+            prepare_wall_secs: started.elapsed().as_secs_f64(),
+            targets,
+            config,
+        })
+    }
+
+    pub fn preparation(&self) -> &Preparation {
+        &self.preparation
+    }
+
+    pub fn bound(&self) -> &OptimalBound {
+        &self.bound
+    }
+
+    pub fn perf(&self) -> &PerfModel {
+        &self.perf
+    }
+
+    pub fn kv_config(&self) -> &KvCacheConfig {
+        &self.kv
+    }
+
+    /// Simulates `kind` to completion. `progress(done, total)` is called every 256 steps.
+    pub fn run(
+        &self,
+        name: &str,
+        kind: &PolicyKind,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SimReport, SimError> {
+        let started = Instant::now();
+        let policy = kind.build(&PolicyInput {
+            preparation: &self.preparation,
+            perf: &self.perf,
+            seed: self.config.seed,
+        });
+        let schedule_wall_secs = self.prepare_wall_secs + started.elapsed().as_secs_f64();
+        let mut scheduler = Scheduler::new(
+            self.workload,
+            self.config.scheduler.clone(),
+            self.kv,
+            self.config.model.max_context_tokens,
+            policy,
+            RequestEstimates {
+                demand: self.preparation.annotation.attributed.clone(),
+                output_tokens: self.preparation.estimated_output_tokens.clone(),
+            },
+            Some(self.perf.clone()),
+        )?;
+        let total = scheduler.unfinished() as u64;
+        let token_budget = scheduler.token_budget();
+        let mut clock = 0.0;
+        let mut compute_busy = 0.0;
+        let mut memory_busy = 0.0;
+        let mut kv_used_time = 0.0;
+        let mut prompt_tokens = 0u64;
+        let mut timeline = Vec::new();
+        let targets = &self.targets;
+        while !scheduler.is_done() {
+            let plan = scheduler.schedule();
+            if plan.items.is_empty() {
+                if scheduler.is_done() {
+                    break;
+                }
+                if plan.finished.is_empty() && plan.preempted.is_empty() {
+                    return Err(SimError::Stalled {
+                        step: scheduler.stats().steps,
+                        unfinished: scheduler.unfinished(),
+                    });
+                }
+                continue;
+            }
+            let mut cost = self.perf.step_base_cost();
+            for item in &plan.items {
+                cost += self.perf.piece_cost(item.start_tokens, u64::from(item.len_tokens), item.samples);
+            }
+            let t = self.perf.time(&cost);
+            let kv_used = scheduler.kv_usage().used_fraction();
+            clock += t.secs;
+            compute_busy += t.compute_secs;
+            memory_busy += t.memory_secs;
+            kv_used_time += kv_used * t.secs;
+            let step = scheduler.stats().steps;
+            if self.config.timeline_every > 0 && step % self.config.timeline_every == 0 {
+                let decode_sequences = plan.items.iter().filter(|i| i.len_tokens == 1 && i.samples).count() as u64;
+                timeline.push(StepRecord {
+                    step,
+                    clock_secs: clock,
+                    step_secs: t.secs,
+                    compute_secs: t.compute_secs,
+                    memory_secs: t.memory_secs,
+                    prefill_tokens: plan.tokens() - decode_sequences,
+                    decode_sequences,
+                    running: scheduler.running().len(),
+                    kv_used_fraction: kv_used,
+                });
+            }
+            let finished = scheduler.complete_step(&plan, |r, generated| generated >= targets[r as usize]);
+            for f in finished.iter().chain(&plan.finished) {
+                prompt_tokens += self.workload.requests[f.request as usize].prompt_tokens();
+            }
+            if step % 256 == 0 {
+                progress(scheduler.stats().finished, total);
+            }
+        }
+        progress(scheduler.stats().finished, total);
+        let stats = scheduler.stats();
+        let makespan = clock.max(f64::MIN_POSITIVE);
+        Ok(SimReport {
+            workload: String::new(),
+            model: self.config.model.name.clone(),
+            hardware: self.config.hardware.name.clone(),
+            policy: name.to_string(),
+            executor: self.config.executor.to_string(),
+            token_budget: token_budget_label(token_budget),
+            lengths: format!("{:?}", self.config.lengths),
+            requests: self.workload.len(),
+            finished: stats.finished,
+            rejected: stats.rejected,
+            steps: stats.steps,
+            makespan_secs: clock,
+            prompt_tokens,
+            output_tokens: stats.generated_tokens,
+            output_tokens_per_sec: stats.generated_tokens as f64 / makespan,
+            total_tokens_per_sec: (prompt_tokens + stats.generated_tokens) as f64 / makespan,
+            prefix_hit_ratio: stats.prefix_hit_ratio(),
+            sharing_ratio: self.preparation.tree.sharing_ratio(),
+            kv_utilization: kv_used_time / makespan,
+            compute_utilization: compute_busy / makespan,
+            memory_utilization: memory_busy / makespan,
+            preemptions: stats.preemptions,
+            preempted_tokens: stats.preempted_tokens,
+            optimal_secs: self.bound.secs,
+            percent_of_optimal: 100.0 * self.bound.secs / makespan,
+            schedule_wall_secs,
+            sim_wall_secs: started.elapsed().as_secs_f64(),
+            timeline,
+            rejections: scheduler.rejections().to_vec(),
+        })
+    }
+}
