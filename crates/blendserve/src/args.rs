@@ -49,15 +49,18 @@ pub struct WorkloadArgs {
 impl WorkloadArgs {
     pub fn load(&self) -> Result<(Workload, String)> {
         let Some(source) = &self.workload else {
-            let workload = native::parse_native_jsonl(DEFAULT_WORKLOAD, std::path::Path::new("<bundled default workload>"))
-                .context("bundled default workload")?;
+            let workload = native::parse_native_jsonl(
+                DEFAULT_WORKLOAD,
+                std::path::Path::new("<bundled default workload>"),
+            )
+            .context("bundled default workload")?;
             return Ok((workload, "bundled-default".to_string()));
         };
         let spec = WorkloadSpec {
             source: source.clone(),
             requests: self.requests,
             seed: self.seed,
-            synthetic_prefix: (self.prefix_ratio > 0.0).then(|| SyntheticPrefix {
+            synthetic_prefix: (self.prefix_ratio > 0.0).then_some(SyntheticPrefix {
                 groups: self.prefix_groups,
                 sharing_ratio: self.prefix_ratio,
                 block_tokens: self.prefix_block_tokens,
@@ -70,10 +73,15 @@ impl WorkloadArgs {
         let (workload, report) = spec.load()?;
         if let Some(report) = report {
             for (label, drawn, available) in &report.parts {
-                tracing::info!("drew {drawn} requests from {label} ({available} distinct available)");
+                tracing::info!(
+                    "drew {drawn} requests from {label} ({available} distinct available)"
+                );
             }
             if report.dropped_too_long > 0 {
-                tracing::info!("left out {} trace requests over --max-prompt-tokens", report.dropped_too_long);
+                tracing::info!(
+                    "left out {} trace requests over --max-prompt-tokens",
+                    report.dropped_too_long
+                );
             }
         }
         Ok((workload, source.clone()))

@@ -8,7 +8,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "blendserve", version, about = "Offline batch inference with resource-aware batching")]
+#[command(
+    name = "blendserve",
+    version,
+    about = "Offline batch inference with resource-aware batching"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

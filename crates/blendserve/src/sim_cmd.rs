@@ -65,7 +65,12 @@ pub struct SimArgs {
 }
 
 pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig> {
-    let mut config = SimConfig::from_presets(&args.model, &args.hardware, args.config.as_deref(), executor)?;
+    let mut config = SimConfig::from_presets(
+        &args.model,
+        &args.hardware,
+        args.config.as_deref(),
+        executor,
+    )?;
     config.scheduler.max_batch_tokens = args.max_batch_tokens;
     config.scheduler.max_running = args.max_running;
     config.scheduler.reserve_ratio_init = args.reserve_ratio_init;
@@ -113,9 +118,11 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
         for (name, kind) in &policies {
             let bar = ProgressBar::new(workload.len() as u64);
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} requests, {elapsed}")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>24} [{bar:30}] {pos}/{len} requests, {elapsed}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("{name} ({executor})"));
             let mut report = simulation.run(name, kind, &mut |done, _| bar.set_position(done))?;
@@ -133,8 +140,18 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
         }
     }
     let header = [
-        "policy", "executor", "budget", "makespan_s", "tok/s", "out_tok/s", "prefix_hit", "kv_util", "compute_util",
-        "memory_util", "preempt", "%optimal",
+        "policy",
+        "executor",
+        "budget",
+        "makespan_s",
+        "tok/s",
+        "out_tok/s",
+        "prefix_hit",
+        "kv_util",
+        "compute_util",
+        "memory_util",
+        "preempt",
+        "%optimal",
     ];
     let rows: Vec<Vec<String>> = reports
         .iter()
@@ -177,11 +194,16 @@ pub struct GenerateArgs {
 
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let (workload, _) = args.workload.load()?;
-    let file = File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let file =
+        File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut out = BufWriter::new(file);
     workload::native::write_native_jsonl(&workload, &mut out)?;
     out.flush()?;
-    println!("wrote {} requests to {}", workload.len(), args.out.display());
+    println!(
+        "wrote {} requests to {}",
+        workload.len(),
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -197,16 +219,27 @@ pub struct InspectArgs {
 
 pub fn run_inspect(args: &InspectArgs) -> Result<()> {
     let (workload, name) = args.workload.load()?;
-    let mut config = SimConfig::from_presets(&args.model, &args.hardware, None, Executor::Overlapped)?;
+    let mut config =
+        SimConfig::from_presets(&args.model, &args.hardware, None, Executor::Overlapped)?;
     config.lengths = LengthKnowledge::Known;
     let simulation = Simulation::new(&workload, config)?;
     let p = simulation.preparation();
     let s = workload.summary();
     println!("workload      {name}");
     println!("requests      {}", s.requests);
-    println!("prompt tokens mean {:.0}, max {}, total {}", s.prompt_tokens_mean, s.prompt_tokens_max, s.prompt_tokens_total);
-    println!("output tokens mean {:.0}, total {}", s.output_tokens_mean, s.output_tokens_total);
-    println!("prefix tree   {} nodes, sharing ratio {:.1}%", p.tree.nodes().len(), 100.0 * p.tree.sharing_ratio());
+    println!(
+        "prompt tokens mean {:.0}, max {}, total {}",
+        s.prompt_tokens_mean, s.prompt_tokens_max, s.prompt_tokens_total
+    );
+    println!(
+        "output tokens mean {:.0}, total {}",
+        s.output_tokens_mean, s.output_tokens_total
+    );
+    println!(
+        "prefix tree   {} nodes, sharing ratio {:.1}%",
+        p.tree.nodes().len(),
+        100.0 * p.tree.sharing_ratio()
+    );
     let total = p.annotation.total();
     println!(
         "demand        compute {:.1}s, memory {:.1}s, density {:.2} ({} {})",
@@ -216,7 +249,12 @@ pub fn run_inspect(args: &InspectArgs) -> Result<()> {
         args.model,
         args.hardware
     );
-    let mut densities: Vec<f64> = p.annotation.attributed.iter().map(|d| d.density()).collect();
+    let mut densities: Vec<f64> = p
+        .annotation
+        .attributed
+        .iter()
+        .map(|d| d.density())
+        .collect();
     densities.sort_by(f64::total_cmp);
     let q = |f: f64| densities[((densities.len() - 1) as f64 * f) as usize];
     println!(

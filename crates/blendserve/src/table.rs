@@ -14,7 +14,10 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
             .zip(&widths)
             .enumerate()
             .map(|(i, (c, &w))| {
-                let numeric = c.chars().next().is_some_and(|ch| ch.is_ascii_digit() || ch == '-');
+                let numeric = c
+                    .chars()
+                    .next()
+                    .is_some_and(|ch| ch.is_ascii_digit() || ch == '-');
                 if i == 0 || !numeric {
                     format!("{c:<w$}")
                 } else {
@@ -28,7 +31,13 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     };
     let mut out = line(header.to_vec());
     out.push('\n');
-    out.push_str(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("  "));
+    out.push_str(
+        &widths
+            .iter()
+            .map(|&w| "-".repeat(w))
+            .collect::<Vec<_>>()
+            .join("  "),
+    );
     for row in rows {
         out.push('\n');
         out.push_str(&line(row.iter().map(String::as_str).collect()));
@@ -40,7 +49,13 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 mod tests {
     #[test]
     fn aligns_columns() {
-        let t = super::render(&["policy", "tok/s"], &[vec!["fcfs".into(), "10.5".into()], vec!["blendserve".into(), "9".into()]]);
+        let t = super::render(
+            &["policy", "tok/s"],
+            &[
+                vec!["fcfs".into(), "10.5".into()],
+                vec!["blendserve".into(), "9".into()],
+            ],
+        );
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "policy      tok/s");
         assert_eq!(lines[2], "fcfs         10.5");

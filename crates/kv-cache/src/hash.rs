@@ -14,7 +14,6 @@ fn mix(mut x: u64) -> u64 {
 
 const ROOT_SEED: u64 = 0x5eed_b10c_0000_0001;
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Piece {
     content_id: u64,

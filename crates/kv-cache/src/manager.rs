@@ -263,15 +263,18 @@ impl KvCacheManager {
         if !self.config.enable_prefix_caching {
             return Ok(());
         }
-        let table = self.tables.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let table = self
+            .tables
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         let upto = hashes.len().min(table.blocks.len());
-        for i in table.hashed_blocks..upto {
-            let b = table.blocks[i];
+        let start = table.hashed_blocks.min(upto);
+        for (&b, &hash) in table.blocks[start..upto].iter().zip(&hashes[start..upto]) {
             let meta = &mut self.blocks[b as usize];
             if meta.hash.is_none() {
-                if let std::collections::hash_map::Entry::Vacant(slot) = self.cached.entry(hashes[i]) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.cached.entry(hash) {
                     slot.insert(b);
-                    meta.hash = Some(hashes[i]);
+                    meta.hash = Some(hash);
                 }
             }
         }
@@ -282,7 +285,10 @@ impl KvCacheManager {
     /// Releases `seq`'s table. Its cached blocks stay reusable until evicted; the tail of the
     /// sequence is evicted before its head.
     pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
-        let table = self.tables.remove(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let table = self
+            .tables
+            .remove(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         for &b in table.blocks.iter().rev() {
             self.drop_ref(b);
         }
@@ -325,7 +331,10 @@ impl KvCacheManager {
             }
             self.lru_unlink(b);
             self.evictable -= 1;
-            let hash = self.blocks[b as usize].hash.take().expect("evictable blocks are hashed");
+            let hash = self.blocks[b as usize]
+                .hash
+                .take()
+                .expect("evictable blocks are hashed");
             self.cached.remove(&hash);
             self.stats.evictions += 1;
             b
@@ -379,7 +388,11 @@ impl KvCacheManager {
             }
             let capacity = t.blocks.len() as u64 * u64::from(self.config.block_tokens);
             if t.tokens > capacity || capacity >= t.tokens + u64::from(self.config.block_tokens) {
-                return Err(format!("sequence {seq}: {} tokens in {} blocks", t.tokens, t.blocks.len()));
+                return Err(format!(
+                    "sequence {seq}: {} tokens in {} blocks",
+                    t.tokens,
+                    t.blocks.len()
+                ));
             }
         }
         let mut in_free = vec![false; self.blocks.len()];
@@ -409,9 +422,13 @@ impl KvCacheManager {
         let mut used = 0;
         for (b, meta) in self.blocks.iter().enumerate() {
             if meta.ref_count != refs[b] {
-                return Err(format!("block {b}: ref count {} but {} tables hold it", meta.ref_count, refs[b]));
+                return Err(format!(
+                    "block {b}: ref count {} but {} tables hold it",
+                    meta.ref_count, refs[b]
+                ));
             }
-            let states = u32::from(meta.ref_count > 0) + u32::from(in_free[b]) + u32::from(in_lru[b]);
+            let states =
+                u32::from(meta.ref_count > 0) + u32::from(in_free[b]) + u32::from(in_lru[b]);
             if states != 1 {
                 return Err(format!("block {b} is in {states} of used/free/evictable"));
             }
@@ -429,7 +446,10 @@ impl KvCacheManager {
             used += u32::from(meta.ref_count > 0);
         }
         if used != self.used {
-            return Err(format!("used count {} but {used} referenced blocks", self.used));
+            return Err(format!(
+                "used count {} but {used} referenced blocks",
+                self.used
+            ));
         }
         for (h, &b) in &self.cached {
             if self.blocks[b as usize].hash != Some(*h) {

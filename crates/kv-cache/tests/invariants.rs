@@ -6,15 +6,30 @@ use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Admit { seq: u64, prefix_group: u64, prompt_tokens: u64 },
-    Grow { seq: u64, tokens: u64 },
-    Commit { seq: u64 },
-    Free { seq: u64 },
+    Admit {
+        seq: u64,
+        prefix_group: u64,
+        prompt_tokens: u64,
+    },
+    Grow {
+        seq: u64,
+        tokens: u64,
+    },
+    Commit {
+        seq: u64,
+    },
+    Free {
+        seq: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u64..12, 0u64..3, 1u64..80).prop_map(|(seq, prefix_group, prompt_tokens)| Op::Admit { seq, prefix_group, prompt_tokens }),
+        (0u64..12, 0u64..3, 1u64..80).prop_map(|(seq, prefix_group, prompt_tokens)| Op::Admit {
+            seq,
+            prefix_group,
+            prompt_tokens
+        }),
         (0u64..12, 1u64..20).prop_map(|(seq, tokens)| Op::Grow { seq, tokens }),
         (0u64..12).prop_map(|seq| Op::Commit { seq }),
         (0u64..12).prop_map(|seq| Op::Free { seq }),
@@ -85,7 +100,12 @@ proptest! {
 #[test]
 fn reuses_prefix_and_evicts_lru_tail_first() {
     let block = 4;
-    let mut kv = KvCacheManager::new(KvCacheConfig { block_tokens: block, num_blocks: 6, bytes_per_token: 10, enable_prefix_caching: true });
+    let mut kv = KvCacheManager::new(KvCacheConfig {
+        block_tokens: block,
+        num_blocks: 6,
+        bytes_per_token: 10,
+        enable_prefix_caching: true,
+    });
     let a = hashes_for(0, 1, 16, block); // 4 blocks: 32 shared tokens cover all of them
     kv.admit(1, &a, 0, 16, 16).unwrap();
     kv.commit_hashes(1, &a).unwrap();
@@ -101,7 +121,8 @@ fn reuses_prefix_and_evicts_lru_tail_first() {
     kv.free(2).unwrap();
     // A 5-block unrelated sequence must evict: 2 free + 3 oldest cached. The evicted ones are the
     // tail blocks of the earlier sequence, so its head stays cached.
-    kv.admit(3, &hashes_for(1, 3, 20, block), 0, 20, 20).unwrap();
+    kv.admit(3, &hashes_for(1, 3, 20, block), 0, 20, 20)
+        .unwrap();
     assert_eq!(kv.stats().evictions, 3);
     assert_eq!(kv.match_prefix(&a), 1);
     kv.check_invariants().unwrap();
@@ -109,11 +130,28 @@ fn reuses_prefix_and_evicts_lru_tail_first() {
 
 #[test]
 fn allocation_failure_is_a_value_and_changes_nothing() {
-    let mut kv = KvCacheManager::new(KvCacheConfig { block_tokens: 16, num_blocks: 2, bytes_per_token: 1, enable_prefix_caching: false });
+    let mut kv = KvCacheManager::new(KvCacheConfig {
+        block_tokens: 16,
+        num_blocks: 2,
+        bytes_per_token: 1,
+        enable_prefix_caching: false,
+    });
     kv.admit(1, &[], 0, 20, 20).unwrap();
     let before = kv.usage();
-    assert_eq!(kv.admit(2, &[], 0, 17, 17), Err(KvError::OutOfBlocks { needed: 2, available: 0 }));
-    assert_eq!(kv.grow(1, 13), Err(KvError::OutOfBlocks { needed: 1, available: 0 }));
+    assert_eq!(
+        kv.admit(2, &[], 0, 17, 17),
+        Err(KvError::OutOfBlocks {
+            needed: 2,
+            available: 0
+        })
+    );
+    assert_eq!(
+        kv.grow(1, 13),
+        Err(KvError::OutOfBlocks {
+            needed: 1,
+            available: 0
+        })
+    );
     assert_eq!(kv.usage(), before);
     kv.grow(1, 12).unwrap();
     assert_eq!(kv.sequence_tokens(1), Some(32));

@@ -42,7 +42,10 @@ impl Demand {
 impl std::ops::Add for Demand {
     type Output = Demand;
     fn add(self, o: Demand) -> Demand {
-        Demand::new(self.compute_secs + o.compute_secs, self.memory_secs + o.memory_secs)
+        Demand::new(
+            self.compute_secs + o.compute_secs,
+            self.memory_secs + o.memory_secs,
+        )
     }
 }
 
@@ -55,7 +58,10 @@ impl std::ops::AddAssign for Demand {
 impl std::ops::Sub for Demand {
     type Output = Demand;
     fn sub(self, o: Demand) -> Demand {
-        Demand::new(self.compute_secs - o.compute_secs, self.memory_secs - o.memory_secs)
+        Demand::new(
+            self.compute_secs - o.compute_secs,
+            self.memory_secs - o.memory_secs,
+        )
     }
 }
 
@@ -129,7 +135,8 @@ impl ResourceAnnotation {
             } else {
                 share_above[node.parent as usize]
             };
-            let here = parent_share + edge[id as usize].scaled(1.0 / f64::from(node.subtree_requests.max(1)));
+            let here = parent_share
+                + edge[id as usize].scaled(1.0 / f64::from(node.subtree_requests.max(1)));
             share_above[id as usize] = here;
             for &r in &node.requests {
                 attributed[r as usize] = here + decode[r as usize];

@@ -62,7 +62,8 @@ impl RelaxConfig {
         if node.subtree_requests < 2 {
             return false;
         }
-        let saved = f64::from(node.subtree_requests - 1) * annotation.edge[id as usize].compute_secs;
+        let saved =
+            f64::from(node.subtree_requests - 1) * annotation.edge[id as usize].compute_secs;
         saved < self.min_saving_fraction * annotation.subtree[id as usize].compute_secs
     }
 }
@@ -115,14 +116,22 @@ pub fn resource_aware_order(
         for &r in &tree.node(expand).requests {
             units.push((Unit::Request(r), annotation.decode[r as usize].density()));
         }
-        gather.extend(tree.node(expand).children.iter().map(|&c| (c, Demand::ZERO)));
+        gather.extend(
+            tree.node(expand)
+                .children
+                .iter()
+                .map(|&c| (c, Demand::ZERO)),
+        );
         while let Some((id, inherited)) = gather.pop() {
             let node = tree.node(id);
             if dissolved[id as usize] {
                 let here = inherited
                     + annotation.edge[id as usize].scaled(1.0 / f64::from(node.subtree_requests));
                 for &r in &node.requests {
-                    units.push((Unit::Request(r), (annotation.decode[r as usize] + here).density()));
+                    units.push((
+                        Unit::Request(r),
+                        (annotation.decode[r as usize] + here).density(),
+                    ));
                 }
                 gather.extend(node.children.iter().map(|&c| (c, here)));
             } else {

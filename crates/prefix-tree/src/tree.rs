@@ -61,10 +61,15 @@ impl PrefixTree {
     /// Builds the tree from prompts (indexed by [`RequestIndex`]). Sorting makes this
     /// O(n log n) comparisons, with no hash lookups per chunk.
     pub fn build<P: AsRef<[Chunk]> + Sync>(prompts: &[P]) -> PrefixTree {
-        assert!(prompts.len() < RequestIndex::MAX as usize, "too many requests for one tree");
+        assert!(
+            prompts.len() < RequestIndex::MAX as usize,
+            "too many requests for one tree"
+        );
         let mut order: Vec<RequestIndex> = (0..prompts.len() as RequestIndex).collect();
         order.sort_unstable_by(|&a, &b| {
-            prompts[a as usize].as_ref().cmp(prompts[b as usize].as_ref())
+            prompts[a as usize]
+                .as_ref()
+                .cmp(prompts[b as usize].as_ref())
         });
 
         let mut nodes = vec![Node {

@@ -309,7 +309,9 @@ impl<'w> Scheduler<'w> {
             ));
         }
         if kv.block_tokens != config.block_tokens {
-            return Err(SchedulerError::Config("KV block size differs from the scheduler's".into()));
+            return Err(SchedulerError::Config(
+                "KV block size differs from the scheduler's".into(),
+            ));
         }
         let mode = match config.token_budget {
             TokenBudget::PolicyDefault => policy.preferred_budget(),
@@ -321,7 +323,9 @@ impl<'w> Scheduler<'w> {
             ));
         }
         if demand.len() != workload.len() || estimated_output.len() != workload.len() {
-            return Err(SchedulerError::Config("one estimate per request is needed".into()));
+            return Err(SchedulerError::Config(
+                "one estimate per request is needed".into(),
+            ));
         }
         let capacity_tokens = u64::from(kv.num_blocks) * u64::from(kv.block_tokens);
         let reserve_ratio_init = config.reserve_ratio_init;
@@ -428,6 +432,17 @@ impl<'w> Scheduler<'w> {
         self.unfinished
     }
 
+    /// Running sequences still computing prompt (or recomputing) rather than decoding.
+    pub fn prefilling(&self) -> usize {
+        self.running
+            .iter()
+            .filter(|&&r| {
+                let s = &self.seqs[r as usize];
+                s.known_tokens - s.computed_tokens > 1
+            })
+            .count()
+    }
+
     /// Tokens request `r` has generated so far.
     pub fn generated_tokens(&self, r: RequestIndex) -> u32 {
         self.seqs[r as usize].generated
@@ -459,7 +474,8 @@ impl<'w> Scheduler<'w> {
             self.perf.as_ref(),
         );
         let c = &self.config;
-        let decay = (c.reserve_ratio_init - c.reserve_ratio_min) / f64::from(c.reserve_decay_steps.max(1));
+        let decay =
+            (c.reserve_ratio_init - c.reserve_ratio_min) / f64::from(c.reserve_decay_steps.max(1));
         self.reserve_ratio = (self.reserve_ratio - decay).max(c.reserve_ratio_min);
         let mut prefilling = Vec::new();
         let mut i = 0;
@@ -569,7 +585,9 @@ impl<'w> Scheduler<'w> {
         s.computed_tokens = 0;
         s.phase = Phase::Waiting;
         self.reserve_ratio = self.config.reserve_ratio_init;
-        self.kv.free(SeqId::from(r)).expect("running sequence has a table");
+        self.kv
+            .free(SeqId::from(r))
+            .expect("running sequence has a table");
         self.preempted.push_front(r);
     }
 
@@ -596,7 +614,9 @@ impl<'w> Scheduler<'w> {
     /// prompts (certain) and their estimated remaining output times the adaptive ratio.
     fn reserved_blocks(&self) -> u32 {
         let prompt_rest = self.running_known.saturating_sub(self.running_slots) as f64;
-        let output_rest = self.running_estimated_output.saturating_sub(self.running_generated) as f64;
+        let output_rest = self
+            .running_estimated_output
+            .saturating_sub(self.running_generated) as f64;
         let tokens = prompt_rest + output_rest * self.reserve_ratio;
         (tokens / f64::from(self.config.block_tokens)).ceil() as u32
     }
@@ -611,7 +631,11 @@ impl<'w> Scheduler<'w> {
         loop {
             let view = self.view();
             let r = self.policy.next(&view)?;
-            if self.seqs.get(r as usize).is_some_and(|s| s.phase == Phase::Waiting && !s.admitted_once) {
+            if self
+                .seqs
+                .get(r as usize)
+                .is_some_and(|s| s.phase == Phase::Waiting && !s.admitted_once)
+            {
                 return Some(r);
             }
         }
@@ -622,7 +646,9 @@ impl<'w> Scheduler<'w> {
         let total_blocks = self.kv.usage().total_blocks;
         let watermark = (f64::from(total_blocks) * self.config.watermark_fraction).ceil() as u32;
         while budget.tokens_left > 0 && self.running.len() < self.config.max_running as usize {
-            let Some(r) = self.next_candidate() else { break };
+            let Some(r) = self.next_candidate() else {
+                break;
+            };
             let keep_free = if self.running.is_empty() {
                 0
             } else {
@@ -651,7 +677,10 @@ impl<'w> Scheduler<'w> {
             let needed = self.kv.blocks_for_tokens(s.known_tokens) - reuse as u32;
             let lookup = if s.admitted_once { 0 } else { s.prompt_tokens };
             if self.kv.usage().available_blocks() < needed + keep_free
-                || self.kv.admit(SeqId::from(r), hashes, reuse, want, lookup).is_err()
+                || self
+                    .kv
+                    .admit(SeqId::from(r), hashes, reuse, want, lookup)
+                    .is_err()
             {
                 self.pending = Some(r);
                 break;
@@ -684,7 +713,9 @@ impl<'w> Scheduler<'w> {
         s.hasher = None;
         self.unfinished -= 1;
         self.stats.finished += 1;
-        self.kv.free(SeqId::from(r)).expect("running sequence has a table");
+        self.kv
+            .free(SeqId::from(r))
+            .expect("running sequence has a table");
     }
 
     /// Records that `plan` ran. For each sequence that sampled a token, `is_finished(r,
@@ -715,7 +746,11 @@ impl<'w> Scheduler<'w> {
             if s.computed_tokens < s.known_tokens {
                 continue;
             }
-            hasher.push(Namespace::Output.id(u64::from(r)), u64::from(s.generated), 1);
+            hasher.push(
+                Namespace::Output.id(u64::from(r)),
+                u64::from(s.generated),
+                1,
+            );
             s.generated += 1;
             s.known_tokens += 1;
             self.stats.generated_tokens += 1;
@@ -740,7 +775,8 @@ impl<'w> Scheduler<'w> {
         }
         if !finished.is_empty() {
             let seqs = &self.seqs;
-            self.running.retain(|&r| seqs[r as usize].phase == Phase::Running);
+            self.running
+                .retain(|&r| seqs[r as usize].phase == Phase::Running);
         }
         finished
     }

@@ -38,7 +38,11 @@ pub fn optimal_bound(
     for id in tree.preorder() {
         let node = tree.node(id);
         if id != ROOT && node.edge_tokens > 0 {
-            cost += perf.piece_cost(node.depth_tokens - node.edge_tokens, node.edge_tokens, false);
+            cost += perf.piece_cost(
+                node.depth_tokens - node.edge_tokens,
+                node.edge_tokens,
+                false,
+            );
         }
     }
     let kv = m.kv_bytes_per_token() as f64;
@@ -52,7 +56,8 @@ pub fn optimal_bound(
         decode_tokens += steps;
         let keys = steps * p + steps * (steps + 1.0) / 2.0;
         // First token's logits come with the prefill; each decode step adds one token.
-        cost.gemm_flops += m.lm_head_flops() + steps * (m.linear_flops_per_token() + m.lm_head_flops());
+        cost.gemm_flops +=
+            m.lm_head_flops() + steps * (m.linear_flops_per_token() + m.lm_head_flops());
         cost.decode_attention_flops += m.attention_flops_per_key() * keys;
         cost.decode_kv_bytes += kv * keys;
     }

@@ -43,7 +43,8 @@ impl ModelConfig {
     /// gathered, not streamed, so it is left out unless tied to the LM head).
     pub fn weight_bytes_per_step(&self) -> u64 {
         let lm_head = u64::from(self.vocab) * u64::from(self.hidden);
-        (u64::from(self.layers) * self.linear_params_per_layer() + lm_head) * u64::from(self.dtype_bytes)
+        (u64::from(self.layers) * self.linear_params_per_layer() + lm_head)
+            * u64::from(self.dtype_bytes)
     }
 
     /// Bytes the weights occupy in device memory.
@@ -75,7 +76,16 @@ impl ModelConfig {
     }
 
     pub fn preset(name: &str) -> Option<ModelConfig> {
-        let m = |name: &str, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied, ctx| ModelConfig {
+        let m = |name: &str,
+                 layers,
+                 hidden,
+                 heads,
+                 kv_heads,
+                 head_dim,
+                 intermediate,
+                 vocab,
+                 tied,
+                 ctx| ModelConfig {
             name: name.to_string(),
             layers,
             hidden,
@@ -230,9 +240,32 @@ impl OverrideFile {
             ))
         })?;
         let o = &self.model;
-        apply_fields!(m, o, name, layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied_embeddings, dtype_bytes, max_context_tokens);
-        if m.layers == 0 || m.hidden == 0 || m.heads == 0 || m.kv_heads == 0 || m.head_dim == 0 || m.dtype_bytes == 0 {
-            return Err(SchedulerError::Config(format!("model `{}` has a zero dimension", m.name)));
+        apply_fields!(
+            m,
+            o,
+            name,
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate,
+            vocab,
+            tied_embeddings,
+            dtype_bytes,
+            max_context_tokens
+        );
+        if m.layers == 0
+            || m.hidden == 0
+            || m.heads == 0
+            || m.kv_heads == 0
+            || m.head_dim == 0
+            || m.dtype_bytes == 0
+        {
+            return Err(SchedulerError::Config(format!(
+                "model `{}` has a zero dimension",
+                m.name
+            )));
         }
         if m.heads % m.kv_heads != 0 {
             return Err(SchedulerError::Config(format!(
@@ -253,8 +286,20 @@ impl OverrideFile {
             ))
         })?;
         let o = &self.hardware;
-        apply_fields!(h, o, name, peak_flops, memory_bytes_per_sec, memory_bytes, compute_efficiency, memory_efficiency, gpus, step_overhead_secs);
-        let positive = h.peak_flops > 0.0 && h.memory_bytes_per_sec > 0.0 && h.memory_bytes > 0 && h.gpus > 0;
+        apply_fields!(
+            h,
+            o,
+            name,
+            peak_flops,
+            memory_bytes_per_sec,
+            memory_bytes,
+            compute_efficiency,
+            memory_efficiency,
+            gpus,
+            step_overhead_secs
+        );
+        let positive =
+            h.peak_flops > 0.0 && h.memory_bytes_per_sec > 0.0 && h.memory_bytes > 0 && h.gpus > 0;
         let fractions = (0.0..=1.0).contains(&h.compute_efficiency)
             && h.compute_efficiency > 0.0
             && (0.0..=1.0).contains(&h.memory_efficiency)
@@ -277,20 +322,34 @@ mod tests {
     fn llama3_8b_shape_is_right() {
         let m = ModelConfig::preset("llama3-8b").unwrap();
         // 8.03 B parameters, 128 KiB of KV per token.
-        assert!((m.params() as f64 / 1e9 - 8.03).abs() < 0.01, "{}", m.params());
+        assert!(
+            (m.params() as f64 / 1e9 - 8.03).abs() < 0.01,
+            "{}",
+            m.params()
+        );
         assert_eq!(m.kv_bytes_per_token(), 131_072);
     }
 
     #[test]
     fn overrides_apply_and_bad_values_are_named() {
-        let file = OverrideFile::parse("[model]\npreset = \"qwen2.5-7b\"\nlayers = 2\n[hardware]\ngpus = 2\n").unwrap();
+        let file = OverrideFile::parse(
+            "[model]\npreset = \"qwen2.5-7b\"\nlayers = 2\n[hardware]\ngpus = 2\n",
+        )
+        .unwrap();
         assert_eq!(file.model("llama3-8b").unwrap().layers, 2);
         assert_eq!(file.model("llama3-8b").unwrap().name, "qwen2.5-7b");
         assert_eq!(file.hardware("h100").unwrap().gpus, 2);
         assert!(OverrideFile::parse("[model]\nlayerz = 2\n").is_err());
         let bad = OverrideFile::parse("[hardware]\ncompute_efficiency = 1.5\n").unwrap();
-        assert!(bad.hardware("h100").unwrap_err().to_string().contains("efficiencies"));
-        let unknown = OverrideFile::default().model("gpt-9").unwrap_err().to_string();
+        assert!(bad
+            .hardware("h100")
+            .unwrap_err()
+            .to_string()
+            .contains("efficiencies"));
+        let unknown = OverrideFile::default()
+            .model("gpt-9")
+            .unwrap_err()
+            .to_string();
         assert!(unknown.contains("gpt-9") && unknown.contains("llama3-8b"));
     }
 }

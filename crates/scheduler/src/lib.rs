@@ -17,8 +17,8 @@ pub mod policy;
 mod prepare;
 
 pub use batch::{
-    FinishReason, Finished, Rejection, RequestEstimates, ScheduledItem, Scheduler, SchedulerConfig, SchedulerStats,
-    StepPlan, TokenBudget,
+    FinishReason, Finished, Rejection, RequestEstimates, ScheduledItem, Scheduler, SchedulerConfig,
+    SchedulerStats, StepPlan, TokenBudget,
 };
 pub use bound::{optimal_bound, OptimalBound};
 pub use config::{HardwareConfig, ModelConfig, OverrideFile};

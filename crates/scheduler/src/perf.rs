@@ -125,7 +125,8 @@ impl PerfModel {
         let attention = m.attention_flops_per_key() * keys;
         let kv = m.kv_bytes_per_token() as f64 * (start_tokens + len_tokens) as f64;
         let mut cost = StepCost {
-            gemm_flops: m.linear_flops_per_token() * len + if logits { m.lm_head_flops() } else { 0.0 },
+            gemm_flops: m.linear_flops_per_token() * len
+                + if logits { m.lm_head_flops() } else { 0.0 },
             ..StepCost::default()
         };
         if len_tokens == 1 {
@@ -328,7 +329,10 @@ mod tests {
             HardwareConfig::preset("h100").unwrap(),
             Executor::Sequential,
         );
-        let err = big.kv_capacity_blocks(0.9, 16, 8192).unwrap_err().to_string();
+        let err = big
+            .kv_capacity_blocks(0.9, 16, 8192)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kv_memory_fraction"), "{err}");
     }
 }

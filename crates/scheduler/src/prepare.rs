@@ -93,8 +93,11 @@ impl Preparation {
         seed: u64,
     ) -> Preparation {
         let t0 = Instant::now();
-        let prompts: Vec<&[workload::Chunk]> =
-            workload.requests.iter().map(|r| r.prompt.as_slice()).collect();
+        let prompts: Vec<&[workload::Chunk]> = workload
+            .requests
+            .iter()
+            .map(|r| r.prompt.as_slice())
+            .collect();
         let tree = PrefixTree::build(&prompts);
         let t1 = Instant::now();
         let estimated_output_tokens = estimate_output_tokens(workload, &tree, knowledge, seed);

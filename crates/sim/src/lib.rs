@@ -12,8 +12,8 @@ use kv_cache::KvCacheConfig;
 use prefix_tree::RequestIndex;
 use scheduler::{
     optimal_bound, Executor, HardwareConfig, LengthKnowledge, ModelConfig, OptimalBound, PerfModel,
-    PolicyInput, PolicyKind, Preparation, Rejection, RequestEstimates, Scheduler, SchedulerConfig, SchedulerError,
-    TokenBudget,
+    PolicyInput, PolicyKind, Preparation, Rejection, RequestEstimates, Scheduler, SchedulerConfig,
+    SchedulerError, TokenBudget,
 };
 use serde::Serialize;
 use workload::Workload;
@@ -35,6 +35,9 @@ pub struct SimConfig {
     pub scheduler: SchedulerConfig,
     /// Fraction of device memory for weights, activations and the KV cache.
     pub kv_memory_fraction: f64,
+    /// Use exactly this many KV blocks instead of sizing the cache from memory (vLLM's
+    /// `num_gpu_blocks_override`).
+    pub num_gpu_blocks_override: Option<u32>,
     #[serde(skip)]
     pub lengths: LengthKnowledge,
     pub seed: u64,
@@ -61,7 +64,11 @@ impl SimConfig {
             }
             None => scheduler::OverrideFile::default(),
         };
-        Ok(SimConfig::new(file.model(model)?, file.hardware(hardware)?, executor))
+        Ok(SimConfig::new(
+            file.model(model)?,
+            file.hardware(hardware)?,
+            executor,
+        ))
     }
 
     pub fn new(model: ModelConfig, hardware: HardwareConfig, executor: Executor) -> Self {
@@ -71,6 +78,7 @@ impl SimConfig {
             executor,
             scheduler: SchedulerConfig::default(),
             kv_memory_fraction: 0.9,
+            num_gpu_blocks_override: None,
             lengths: LengthKnowledge::default(),
             seed: 0,
             timeline_every: 0,
@@ -161,13 +169,30 @@ pub struct Simulation<'w> {
 impl<'w> Simulation<'w> {
     pub fn new(workload: &'w Workload, config: SimConfig) -> Result<Self, SimError> {
         let started = Instant::now();
-        let mut perf = PerfModel::new(config.model.clone(), config.hardware.clone(), config.executor);
+        let mut perf = PerfModel::new(
+            config.model.clone(),
+            config.hardware.clone(),
+            config.executor,
+        );
         let sched = &config.scheduler;
-        let num_blocks =
-            perf.kv_capacity_blocks(config.kv_memory_fraction, sched.block_tokens, sched.max_batch_tokens)?;
+        let num_blocks = match config.num_gpu_blocks_override {
+            Some(0) => {
+                return Err(SchedulerError::Config(
+                    "num_gpu_blocks_override must be positive".into(),
+                )
+                .into())
+            }
+            Some(blocks) => blocks,
+            None => perf.kv_capacity_blocks(
+                config.kv_memory_fraction,
+                sched.block_tokens,
+                sched.max_batch_tokens,
+            )?,
+        };
         let capacity_tokens = f64::from(num_blocks) * f64::from(sched.block_tokens);
         let mean_prompt = workload.summary().prompt_tokens_mean.max(1.0);
-        perf.decode_concurrency_hint = (capacity_tokens / mean_prompt).clamp(1.0, f64::from(sched.max_running));
+        perf.decode_concurrency_hint =
+            (capacity_tokens / mean_prompt).clamp(1.0, f64::from(sched.max_running));
         let kv = KvCacheConfig {
             block_tokens: sched.block_tokens,
             num_blocks,
@@ -175,8 +200,18 @@ impl<'w> Simulation<'w> {
             enable_prefix_caching: sched.enable_prefix_caching,
         };
         let preparation = Preparation::new(workload, &perf, config.lengths, config.seed);
-        let bound = optimal_bound(workload, &preparation.tree, &perf, sched.max_batch_tokens, sched.max_running);
-        let targets = workload.requests.iter().map(|r| r.sim_output_tokens()).collect();
+        let bound = optimal_bound(
+            workload,
+            &preparation.tree,
+            &perf,
+            sched.max_batch_tokens,
+            sched.max_running,
+        );
+        let targets = workload
+            .requests
+            .iter()
+            .map(|r| r.sim_output_tokens())
+            .collect();
         Ok(Simulation {
             workload,
             perf,
@@ -256,7 +291,11 @@ impl<'w> Simulation<'w> {
             }
             let mut cost = self.perf.step_base_cost();
             for item in &plan.items {
-                cost += self.perf.piece_cost(item.start_tokens, u64::from(item.len_tokens), item.samples);
+                cost += self.perf.piece_cost(
+                    item.start_tokens,
+                    u64::from(item.len_tokens),
+                    item.samples,
+                );
             }
             let t = self.perf.time(&cost);
             let kv_used = scheduler.kv_usage().used_fraction();
@@ -266,7 +305,11 @@ impl<'w> Simulation<'w> {
             kv_used_time += kv_used * t.secs;
             let step = scheduler.stats().steps;
             if self.config.timeline_every > 0 && step % self.config.timeline_every == 0 {
-                let decode_sequences = plan.items.iter().filter(|i| i.len_tokens == 1 && i.samples).count() as u64;
+                let decode_sequences = plan
+                    .items
+                    .iter()
+                    .filter(|i| i.len_tokens == 1 && i.samples)
+                    .count() as u64;
                 timeline.push(StepRecord {
                     step,
                     clock_secs: clock,
@@ -279,7 +322,8 @@ impl<'w> Simulation<'w> {
                     kv_used_fraction: kv_used,
                 });
             }
-            let finished = scheduler.complete_step(&plan, |r, generated| generated >= targets[r as usize]);
+            let finished =
+                scheduler.complete_step(&plan, |r, generated| generated >= targets[r as usize]);
             for f in finished.iter().chain(&plan.finished) {
                 prompt_tokens += self.workload.requests[f.request as usize].prompt_tokens();
             }

@@ -112,10 +112,9 @@ fn parse_filter(text: &str) -> Result<LengthFilter, WorkloadError> {
             "filter `{text}` needs one of <, <=, >, >="
         )));
     };
-    let tokens = number
-        .trim()
-        .parse()
-        .map_err(|_| WorkloadError::Spec(format!("filter `{text}`: `{number}` is not a token count")))?;
+    let tokens = number.trim().parse().map_err(|_| {
+        WorkloadError::Spec(format!("filter `{text}`: `{number}` is not a token count"))
+    })?;
     Ok(LengthFilter {
         field,
         comparison,
@@ -175,7 +174,9 @@ pub fn parse_mix(spec: &str) -> Result<Vec<MixPart>, WorkloadError> {
             None => (head, Vec::new()),
         };
         if pool.is_empty() {
-            return Err(WorkloadError::Spec(format!("mix part `{piece}` names no trace")));
+            return Err(WorkloadError::Spec(format!(
+                "mix part `{piece}` names no trace"
+            )));
         }
         parts.push(MixPart {
             pool: pool.to_string(),
@@ -306,7 +307,10 @@ pub fn generate(
         })?;
         let mut eligible: Vec<&TraceRecord> = Vec::with_capacity(records.len());
         for record in records {
-            if config.max_prompt_tokens.is_some_and(|m| record.prompt_tokens > m) {
+            if config
+                .max_prompt_tokens
+                .is_some_and(|m| record.prompt_tokens > m)
+            {
                 report.dropped_too_long += 1;
                 continue;
             }
@@ -412,7 +416,9 @@ impl GroupSampler {
     fn sample_group(&self, rng: &mut impl Rng) -> u64 {
         let total = *self.cumulative.last().unwrap_or(&1.0);
         let x = rng.gen::<f64>() * total;
-        self.cumulative.partition_point(|&c| c <= x).min(self.cumulative.len() - 1) as u64
+        self.cumulative
+            .partition_point(|&c| c <= x)
+            .min(self.cumulative.len() - 1) as u64
     }
 }
 
@@ -440,7 +446,10 @@ fn build_prompt(
                 } else {
                     MOONCAKE_BLOCK_TOKENS
                 };
-                Chunk::new(Namespace::MooncakeBlock.id(tag | (h & 0xffff_ffff_ffff)), len)
+                Chunk::new(
+                    Namespace::MooncakeBlock.id(tag | (h & 0xffff_ffff_ffff)),
+                    len,
+                )
             })
             .collect();
     }
@@ -461,6 +470,24 @@ fn build_prompt(
     let shared: u32 = prompt.iter().map(|c| c.len_tokens).sum();
     prompt.push(ids.unique(p - shared));
     prompt
+}
+
+/// Every record of one pool, in file order, as requests with their recorded lengths.
+pub fn trace_in_file_order(pool: &str, pools: &TracePools) -> Workload {
+    let mut ids = ContentIdAllocator::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut workload = Workload::default();
+    let source = workload.source_index(pool);
+    for record in pools.get(pool).unwrap_or(&[]) {
+        workload.requests.push(Request {
+            id: format!("{pool}-{}", record.line),
+            prompt: build_prompt(record, 0, 0, None, &mut rng, &mut ids),
+            max_tokens: DEFAULT_MAX_TOKENS.max(record.output_tokens),
+            output_tokens: Some(record.output_tokens),
+            source,
+        });
+    }
+    workload
 }
 
 #[cfg(test)]
@@ -500,7 +527,12 @@ mod tests {
     #[test]
     fn synthetic_prefix_shares_within_groups_only() {
         let mut pools = TracePools::default();
-        pools.insert("t", (0..200).map(|i| record(i + 2, 1000 + i as u32, 10)).collect());
+        pools.insert(
+            "t",
+            (0..200)
+                .map(|i| record(i + 2, 1000 + i as u32, 10))
+                .collect(),
+        );
         let config = GeneratorConfig {
             mix: parse_mix("t").unwrap(),
             requests: 200,
@@ -517,10 +549,16 @@ mod tests {
         let (workload, _) = generate(&config, &pools).unwrap();
         assert_eq!(workload.len(), 200);
         for r in &workload.requests {
-            let shared: u32 = r.prompt[..r.prompt.len() - 1].iter().map(|c| c.len_tokens).sum();
+            let shared: u32 = r.prompt[..r.prompt.len() - 1]
+                .iter()
+                .map(|c| c.len_tokens)
+                .sum();
             // floor(0.5 * p / 64) blocks of 64 tokens.
             assert_eq!(shared, (r.prompt_tokens() as u32 / 2) / 64 * 64);
-            assert_eq!(Namespace::of(r.prompt.last().unwrap().content_id), Some(Namespace::Unique));
+            assert_eq!(
+                Namespace::of(r.prompt.last().unwrap().content_id),
+                Some(Namespace::Unique)
+            );
         }
         let groups: std::collections::HashSet<u64> = workload
             .requests
@@ -544,8 +582,11 @@ mod tests {
         };
         let (workload, report) = generate(&config, &pools).unwrap();
         assert_eq!(workload.len(), 5);
-        let contents: std::collections::HashSet<u64> =
-            workload.requests.iter().map(|r| r.prompt[0].content_id).collect();
+        let contents: std::collections::HashSet<u64> = workload
+            .requests
+            .iter()
+            .map(|r| r.prompt[0].content_id)
+            .collect();
         assert_eq!(contents.len(), 5);
         let ids: std::collections::HashSet<&str> =
             workload.requests.iter().map(|r| r.id.as_str()).collect();
@@ -568,22 +609,4 @@ mod tests {
         let err = generate(&config, &pools).unwrap_err().to_string();
         assert!(err.contains("matches no request"), "{err}");
     }
-}
-
-/// Every record of one pool, in file order, as requests with their recorded lengths.
-pub fn trace_in_file_order(pool: &str, pools: &TracePools) -> Workload {
-    let mut ids = ContentIdAllocator::default();
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut workload = Workload::default();
-    let source = workload.source_index(pool);
-    for record in pools.get(pool).unwrap_or(&[]) {
-        workload.requests.push(Request {
-            id: format!("{pool}-{}", record.line),
-            prompt: build_prompt(record, 0, 0, None, &mut rng, &mut ids),
-            max_tokens: DEFAULT_MAX_TOKENS.max(record.output_tokens),
-            output_tokens: Some(record.output_tokens),
-            source,
-        });
-    }
-    workload
 }

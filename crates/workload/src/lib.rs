@@ -116,7 +116,9 @@ impl Workload {
 /// recorded length if longer).
 pub fn load_file(path: &std::path::Path) -> Result<Workload, WorkloadError> {
     use std::io::BufRead;
-    let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let records = if is_csv {
         traces::read_azure_csv(path)?
     } else {

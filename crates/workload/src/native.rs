@@ -92,7 +92,9 @@ impl NativeParser {
             (Some(_), Some(_)) => {
                 return Err("give either prompt_token_ids or prompt_tokens, not both".into())
             }
-            (None, None) => return Err("missing prompt: give prompt_token_ids or prompt_tokens".into()),
+            (None, None) => {
+                return Err("missing prompt: give prompt_token_ids or prompt_tokens".into())
+            }
             (Some(tokens), None) => {
                 if !line.prefix.is_empty() {
                     return Err("prefix goes with prompt_tokens; token-id prompts share prefixes by their tokens".into());
@@ -116,7 +118,11 @@ impl NativeParser {
         Ok(())
     }
 
-    fn segmented_prompt(&mut self, total: u64, prefix: &[NativeSegment]) -> Result<Vec<Chunk>, String> {
+    fn segmented_prompt(
+        &mut self,
+        total: u64,
+        prefix: &[NativeSegment],
+    ) -> Result<Vec<Chunk>, String> {
         let mut chunks = Vec::with_capacity(prefix.len() + 1);
         let mut used: u64 = 0;
         for segment in prefix {
@@ -138,11 +144,14 @@ impl NativeParser {
             chunks.push(chunk);
         }
         if used > total {
-            return Err(format!("prefix segments hold {used} tokens, more than prompt_tokens {total}"));
+            return Err(format!(
+                "prefix segments hold {used} tokens, more than prompt_tokens {total}"
+            ));
         }
         let rest = total - used;
         if rest > 0 {
-            let rest = u32::try_from(rest).map_err(|_| format!("prompt_tokens {total} is too large"))?;
+            let rest =
+                u32::try_from(rest).map_err(|_| format!("prompt_tokens {total} is too large"))?;
             chunks.push(self.ids.unique(rest));
         }
         Ok(chunks)
@@ -162,7 +171,11 @@ pub fn write_native_jsonl(workload: &Workload, out: &mut impl Write) -> std::io:
             .iter()
             .all(|c| Namespace::of(c.content_id) == Some(Namespace::Token) && c.len_tokens == 1);
         let (prompt_token_ids, prompt_tokens, prefix) = if all_tokens {
-            let ids = request.prompt.iter().map(|c| (c.content_id & 0xffff_ffff) as u32).collect();
+            let ids = request
+                .prompt
+                .iter()
+                .map(|c| (c.content_id & 0xffff_ffff) as u32)
+                .collect();
             (Some(ids), None, Vec::new())
         } else {
             let trailing_unique = request

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::generator::{generate, parse_mix, GeneratorConfig, GeneratorReport, SyntheticPrefix, TracePools};
+use crate::generator::{
+    generate, parse_mix, GeneratorConfig, GeneratorReport, SyntheticPrefix, TracePools,
+};
 use crate::traces::default_traces_dir;
 use crate::{load_file, Workload, WorkloadError};
 
@@ -40,11 +42,16 @@ impl WorkloadSpec {
             )),
             other => other,
         })?;
-        let dir = self.traces_dir.clone().or_else(default_traces_dir).ok_or_else(|| {
-            WorkloadError::Spec(
-                "cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES".into(),
-            )
-        })?;
+        let dir = self
+            .traces_dir
+            .clone()
+            .or_else(default_traces_dir)
+            .ok_or_else(|| {
+                WorkloadError::Spec(
+                    "cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES"
+                        .into(),
+                )
+            })?;
         let pools = TracePools::load_for_mix(&dir, &mix)?;
         let config = GeneratorConfig {
             mix,

@@ -128,7 +128,11 @@ pub fn read_azure_csv(path: &Path) -> Result<Vec<TraceRecord>, WorkloadError> {
         let prompt_tokens = field(prompt_col, "ContextTokens")?;
         let output_tokens = field(output_col, "GeneratedTokens")?;
         if prompt_tokens == 0 {
-            return Err(WorkloadError::parse(path, line, "ContextTokens is 0; a request needs a prompt"));
+            return Err(WorkloadError::parse(
+                path,
+                line,
+                "ContextTokens is 0; a request needs a prompt",
+            ));
         }
         records.push(TraceRecord {
             line,
@@ -163,7 +167,11 @@ pub fn read_mooncake_jsonl(path: &Path) -> Result<Vec<TraceRecord>, WorkloadErro
         let parsed: MooncakeLine = serde_json::from_str(&text)
             .map_err(|e| WorkloadError::parse(path, line, e.to_string()))?;
         if parsed.input_length == 0 {
-            return Err(WorkloadError::parse(path, line, "input_length is 0; a request needs a prompt"));
+            return Err(WorkloadError::parse(
+                path,
+                line,
+                "input_length is 0; a request needs a prompt",
+            ));
         }
         let blocks_needed = parsed.input_length.div_ceil(MOONCAKE_BLOCK_TOKENS) as usize;
         if parsed.hash_ids.len() != blocks_needed {

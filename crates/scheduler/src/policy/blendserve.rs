@@ -48,7 +48,9 @@ impl BlendServePolicy {
     pub fn new(input: &PolicyInput<'_>, config: BlendServeConfig) -> Self {
         let p = input.preparation;
         let order = match config.leaf_order {
-            LeafOrder::ResourceAwareTree => resource_aware_order(&p.tree, &p.annotation, config.relax),
+            LeafOrder::ResourceAwareTree => {
+                resource_aware_order(&p.tree, &p.annotation, config.relax)
+            }
             LeafOrder::FlatDensity => flat_density_order(&p.annotation),
         };
         let cursor = if config.dual_scan {
@@ -76,7 +78,7 @@ impl Policy for BlendServePolicy {
     }
     fn next(&mut self, _view: &BatchView) -> Option<RequestIndex> {
         match &mut self.cursor {
-            Cursor::Dual(s) => s.next(),
+            Cursor::Dual(s) => s.pick(),
             Cursor::Single(o) => o.next(),
         }
     }

@@ -49,11 +49,12 @@ impl DualScanner {
         self.admitted
     }
 
-    pub fn next(&mut self) -> Option<RequestIndex> {
+    pub fn pick(&mut self) -> Option<RequestIndex> {
         if self.front >= self.back {
             return None;
         }
-        let take_front = self.admitted.compute_secs <= self.target_density * self.admitted.memory_secs
+        let take_front = self.admitted.compute_secs
+            <= self.target_density * self.admitted.memory_secs
             || !self.target_density.is_finite();
         let picked = if take_front {
             self.front += 1;
@@ -81,13 +82,18 @@ mod tests {
     #[test]
     fn mixes_both_ends_and_hands_out_everything_once() {
         // Compute-heavy front, memory-heavy back, total density 1.
-        let order = vec![req(0, 3.0, 1.0), req(1, 3.0, 1.0), req(2, 1.0, 3.0), req(3, 1.0, 3.0)];
+        let order = vec![
+            req(0, 3.0, 1.0),
+            req(1, 3.0, 1.0),
+            req(2, 1.0, 3.0),
+            req(3, 1.0, 3.0),
+        ];
         let mut s = DualScanner::new(order);
         assert!((s.target_density() - 1.0).abs() < 1e-12);
-        let picks: Vec<u32> = std::iter::from_fn(|| s.next()).collect();
+        let picks: Vec<u32> = std::iter::from_fn(|| s.pick()).collect();
         assert_eq!(picks, vec![0, 3, 1, 2]);
         assert_eq!(s.remaining(), 0);
-        assert_eq!(s.next(), None);
+        assert_eq!(s.pick(), None);
     }
 
     #[test]
@@ -97,10 +103,13 @@ mod tests {
         let mut s = DualScanner::new(order);
         let target = s.target_density();
         for k in 1..=400 {
-            s.next().unwrap();
+            s.pick().unwrap();
             if k >= 20 {
                 let d = s.admitted().density();
-                assert!((d / target - 1.0).abs() < 0.35, "after {k}: {d} vs {target}");
+                assert!(
+                    (d / target - 1.0).abs() < 0.35,
+                    "after {k}: {d} vs {target}"
+                );
             }
         }
     }

@@ -129,7 +129,9 @@ impl PolicyKind {
             PolicyKind::Fcfs => Box::new(FcfsPolicy::new(input)),
             PolicyKind::Random => Box::new(RandomPolicy::new(input)),
             PolicyKind::Dfs => Box::new(DfsPolicy::new(input)),
-            PolicyKind::BlendServe(config) => Box::new(BlendServePolicy::new(input, config.clone())),
+            PolicyKind::BlendServe(config) => {
+                Box::new(BlendServePolicy::new(input, config.clone()))
+            }
         }
     }
 }

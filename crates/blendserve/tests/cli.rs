@@ -1,0 +1,161 @@
+//! The `blendserve` binary end to end: the bundled default runs, results land in CSV, and bad
+//! input fails with a message naming the file, line or setting.
+
+use std::process::Command;
+
+fn blendserve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blendserve"))
+}
+
+#[test]
+fn sim_on_bundled_default_prints_table_and_writes_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv_path = dir.path().join("out.csv");
+    let out = blendserve()
+        .args(["sim", "--csv"])
+        .arg(&csv_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for policy in ["fcfs", "random", "dfs", "blendserve"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(policy)),
+            "{policy} missing:\n{stdout}"
+        );
+    }
+    let mut reader = csv::Reader::from_path(&csv_path).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 8, "4 policies x 2 executors");
+    for row in &rows {
+        assert_eq!(&row[column("workload")], "bundled-default");
+        assert_eq!(&row[column("finished")], "1000");
+        let pct: f64 = row[column("percent_of_optimal")].parse().unwrap();
+        assert!(pct > 10.0 && pct <= 100.0, "{pct}");
+    }
+}
+
+#[test]
+fn sim_reads_a_trace_file_and_a_mix() {
+    let traces = workload::traces::default_traces_dir().expect("shared/traces");
+    let dir = tempfile::tempdir().unwrap();
+    let out = blendserve()
+        .args([
+            "sim",
+            "--policy",
+            "dfs",
+            "--executor",
+            "max",
+            "--requests",
+            "300",
+            "--workload",
+        ])
+        .arg(traces.join("azure_llm_2023_code.csv"))
+        .arg("--csv")
+        .arg(dir.path().join("a.csv"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = blendserve()
+        .args([
+            "sim",
+            "--policy",
+            "ablation",
+            "--executor",
+            "partial:0.5",
+            "--requests",
+            "300",
+            "--prefix-ratio",
+            "0.4",
+        ])
+        .args(["--workload", "azure-code=1,mooncake=1", "--traces-dir"])
+        .arg(&traces)
+        .arg("--csv")
+        .arg(dir.path().join("b.csv"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("blendserve-flat"));
+}
+
+fn failure(args: &[&str]) -> String {
+    let out = blendserve().args(args).output().unwrap();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn bad_input_names_the_line_or_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"prompt_tokens\": 10, \"max_tokens\": 4}\n{\"id\": \"b\", \"prompt_tokens\": \"ten\", \"max_tokens\": 4}\n").unwrap();
+    let err = failure(&["sim", "--workload", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+    let err = failure(&["sim", "--policy", "lifo"]);
+    assert!(err.contains("unknown policy `lifo`"), "{err}");
+    let err = failure(&["sim", "--model", "gpt-9"]);
+    assert!(err.contains("gpt-9"), "{err}");
+    let err = failure(&["sim", "--executor", "partial:3"]);
+    assert!(err.contains("partial:E"), "{err}");
+    let err = failure(&["sim", "--model", "llama3-70b"]);
+    assert!(err.contains("kv_memory_fraction"), "{err}");
+    let err = failure(&["sim", "--workload", "azure-cod=1"]);
+    assert!(err.contains("unknown trace `azure-cod`"), "{err}");
+    let toml = dir.path().join("o.toml");
+    std::fs::write(&toml, "[hardware]\npeak_flop = 1e15\n").unwrap();
+    let err = failure(&["sim", "--config", toml.to_str().unwrap()]);
+    assert!(err.contains("o.toml") && err.contains("peak_flop"), "{err}");
+}
+
+#[test]
+fn generate_then_simulate_the_written_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.jsonl");
+    let out = blendserve()
+        .args([
+            "generate",
+            "--workload",
+            "azure-conv=1,mooncake=1",
+            "--requests",
+            "200",
+            "--prefix-ratio",
+            "0.5",
+            "--out",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 200);
+    let out = blendserve()
+        .args(["inspect", "--workload"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("requests      200") && text.contains("sharing ratio"),
+        "{text}"
+    );
+}
