@@ -62,6 +62,12 @@ pub struct SimArgs {
     /// CSV file for the results (one row per policy and executor).
     #[arg(long, default_value = "sim-results.csv")]
     pub csv: PathBuf,
+    /// Also write a per-step timeline CSV per policy and executor into this folder.
+    #[arg(long)]
+    pub timeline_dir: Option<PathBuf>,
+    /// Keep one timeline row every this many steps.
+    #[arg(long, default_value_t = 1)]
+    pub timeline_every: u64,
 }
 
 pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig> {
@@ -81,6 +87,9 @@ pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig>
     config.kv_memory_fraction = args.kv_memory_fraction;
     config.lengths = args.lengths.parse::<LengthKnowledge>()?;
     config.seed = args.workload.seed;
+    if args.timeline_dir.is_some() {
+        config.timeline_every = args.timeline_every.max(1);
+    }
     Ok(config)
 }
 
@@ -127,6 +136,17 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
             bar.set_prefix(format!("{name} ({executor})"));
             let mut report = simulation.run(name, kind, &mut |done, _| bar.set_position(done))?;
             report.workload = workload_name.clone();
+            if let Some(dir) = &args.timeline_dir {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join(format!("timeline-{name}-{executor}.csv"));
+                let mut w = csv::Writer::from_path(&path)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                for record in &report.timeline {
+                    w.serialize(record)?;
+                }
+                w.flush()?;
+            }
             bar.finish_and_clear();
             if !report.rejections.is_empty() {
                 let (r, why) = &report.rejections[0];

@@ -153,4 +153,20 @@ fn policy_names_parse_and_unknown_ones_list_the_known() {
     );
     let err = PolicyKind::parse("lifo").unwrap_err().to_string();
     assert!(err.contains("lifo") && err.contains("blendserve"), "{err}");
+    match PolicyKind::parse("blendserve@relax=0.05").unwrap() {
+        PolicyKind::BlendServe(c) => {
+            assert!(c.relax.enabled && (c.relax.min_saving_fraction - 0.05).abs() < 1e-12)
+        }
+        other => panic!("{other:?}"),
+    }
+    match PolicyKind::parse("blendserve-noscan@relax=off").unwrap() {
+        PolicyKind::BlendServe(c) => assert!(!c.relax.enabled && !c.dual_scan),
+        other => panic!("{other:?}"),
+    }
+    assert!(PolicyKind::parse("blendserve@relax=2").is_err());
+    assert!(PolicyKind::parse("blendserve@speed=11").is_err());
+    assert!(PolicyKind::parse("fcfs@relax=0.1")
+        .unwrap_err()
+        .to_string()
+        .contains("no parameters"));
 }

@@ -74,7 +74,42 @@ impl PolicyKind {
         "blendserve-flat",
     ];
 
+    /// Parses a policy name. BlendServe variants take parameters after `@`:
+    /// `blendserve@relax=0.05` (relaxation threshold; `off` disables it).
     pub fn parse(name: &str) -> Result<PolicyKind, SchedulerError> {
+        if let Some((base, params)) = name.split_once('@') {
+            let PolicyKind::BlendServe(mut config) = PolicyKind::parse(base)? else {
+                return Err(SchedulerError::Config(format!(
+                    "policy `{base}` takes no parameters (in `{name}`)"
+                )));
+            };
+            for param in params.split('@') {
+                match param.split_once('=') {
+                    Some(("relax", "off")) => config.relax = prefix_tree::RelaxConfig::OFF,
+                    Some(("relax", v)) => {
+                        let threshold = v
+                            .parse::<f64>()
+                            .ok()
+                            .filter(|t| (0.0..=1.0).contains(t))
+                            .ok_or_else(|| {
+                            SchedulerError::Config(format!(
+                                "`{name}`: relax takes `off` or a fraction in [0, 1]"
+                            ))
+                        })?;
+                        config.relax = prefix_tree::RelaxConfig {
+                            enabled: true,
+                            min_saving_fraction: threshold,
+                        };
+                    }
+                    _ => {
+                        return Err(SchedulerError::Config(format!(
+                            "`{name}`: unknown parameter `{param}` (relax=F|off)"
+                        )))
+                    }
+                }
+            }
+            return Ok(PolicyKind::BlendServe(config));
+        }
         Ok(match name {
             "fcfs" | "vllm" => PolicyKind::Fcfs,
             "random" => PolicyKind::Random,
