@@ -36,6 +36,22 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node before aggregation: edge and subtree figures are filled in by the builder.
+    fn new(parent: NodeId, representative: RequestIndex, depth_chunks: u32) -> Node {
+        Node {
+            parent,
+            children: Vec::new(),
+            representative,
+            depth_chunks,
+            edge_tokens: 0,
+            depth_tokens: 0,
+            requests: Vec::new(),
+            subtree_requests: 0,
+            subtree_prompt_tokens: 0,
+            subtree_unique_tokens: 0,
+        }
+    }
+
     /// Prompt tokens this subtree does not have to compute thanks to sharing, counting only
     /// tokens at or below this node's edge.
     pub fn shared_tokens(&self) -> u64 {
@@ -72,18 +88,7 @@ impl PrefixTree {
                 .cmp(prompts[b as usize].as_ref())
         });
 
-        let mut nodes = vec![Node {
-            parent: NO_PARENT,
-            children: Vec::new(),
-            representative: 0,
-            depth_chunks: 0,
-            edge_tokens: 0,
-            depth_tokens: 0,
-            requests: Vec::new(),
-            subtree_requests: 0,
-            subtree_prompt_tokens: 0,
-            subtree_unique_tokens: 0,
-        }];
+        let mut nodes = vec![Node::new(NO_PARENT, 0, 0)];
         let mut leaf_of = vec![ROOT; prompts.len()];
         let mut path: Vec<NodeId> = vec![ROOT];
         let mut previous: Option<&[Chunk]> = None;
@@ -101,18 +106,9 @@ impl PrefixTree {
                 let child = last_popped.expect("a deeper node was popped");
                 let middle = nodes.len() as NodeId;
                 let representative = nodes[child as usize].representative;
-                nodes.push(Node {
-                    parent: top,
-                    children: vec![child],
-                    representative,
-                    depth_chunks: common,
-                    edge_tokens: 0,
-                    depth_tokens: 0,
-                    requests: Vec::new(),
-                    subtree_requests: 0,
-                    subtree_prompt_tokens: 0,
-                    subtree_unique_tokens: 0,
-                });
+                let mut node = Node::new(top, representative, common);
+                node.children.push(child);
+                nodes.push(node);
                 let slot = nodes[top as usize]
                     .children
                     .iter()
@@ -128,18 +124,9 @@ impl PrefixTree {
                 leaf_of[request as usize] = top;
             } else {
                 let leaf = nodes.len() as NodeId;
-                nodes.push(Node {
-                    parent: top,
-                    children: Vec::new(),
-                    representative: request,
-                    depth_chunks: prompt.len() as u32,
-                    edge_tokens: 0,
-                    depth_tokens: 0,
-                    requests: vec![request],
-                    subtree_requests: 0,
-                    subtree_prompt_tokens: 0,
-                    subtree_unique_tokens: 0,
-                });
+                let mut node = Node::new(top, request, prompt.len() as u32);
+                node.requests.push(request);
+                nodes.push(node);
                 nodes[top as usize].children.push(leaf);
                 leaf_of[request as usize] = leaf;
                 path.push(leaf);

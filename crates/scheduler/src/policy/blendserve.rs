@@ -56,7 +56,10 @@ impl BlendServePolicy {
         let cursor = if config.dual_scan {
             Cursor::Dual(DualScanner::new(order))
         } else {
-            Cursor::Single(FixedOrder::new(order.iter().map(|o| o.request).collect()))
+            Cursor::Single(FixedOrder::new(
+                "blendserve-noscan",
+                order.iter().map(|o| o.request).collect(),
+            ))
         };
         let name = match (&config.leaf_order, config.relax.enabled, config.dual_scan) {
             (LeafOrder::FlatDensity, _, _) => "blendserve-flat",
@@ -79,13 +82,13 @@ impl Policy for BlendServePolicy {
     fn next(&mut self, _view: &BatchView) -> Option<RequestIndex> {
         match &mut self.cursor {
             Cursor::Dual(s) => s.pick(),
-            Cursor::Single(o) => o.next(),
+            Cursor::Single(o) => o.pop(),
         }
     }
     fn remaining(&self) -> usize {
         match &self.cursor {
             Cursor::Dual(s) => s.remaining(),
-            Cursor::Single(o) => o.remaining(),
+            Cursor::Single(o) => Policy::remaining(o),
         }
     }
     fn preferred_budget(&self) -> TokenBudget {

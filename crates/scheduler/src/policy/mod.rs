@@ -12,10 +12,10 @@ mod fcfs;
 mod random;
 
 pub use blendserve::{BlendServeConfig, BlendServePolicy, LeafOrder};
-pub use dfs::DfsPolicy;
+pub use dfs::dfs_policy;
 pub use dual_scanner::DualScanner;
-pub use fcfs::FcfsPolicy;
-pub use random::RandomPolicy;
+pub use fcfs::fcfs_policy;
+pub use random::random_policy;
 
 use kv_cache::KvUsage;
 use prefix_tree::{Demand, RequestIndex};
@@ -161,9 +161,9 @@ impl PolicyKind {
 
     pub fn build(&self, input: &PolicyInput<'_>) -> Box<dyn Policy> {
         match self {
-            PolicyKind::Fcfs => Box::new(FcfsPolicy::new(input)),
-            PolicyKind::Random => Box::new(RandomPolicy::new(input)),
-            PolicyKind::Dfs => Box::new(DfsPolicy::new(input)),
+            PolicyKind::Fcfs => Box::new(fcfs_policy(input)),
+            PolicyKind::Random => Box::new(random_policy(input)),
+            PolicyKind::Dfs => Box::new(dfs_policy(input)),
             PolicyKind::BlendServe(config) => {
                 Box::new(BlendServePolicy::new(input, config.clone()))
             }
@@ -171,25 +171,39 @@ impl PolicyKind {
     }
 }
 
-/// Hands out a fixed order front to back; the building block of the static policies.
+/// A policy that hands out an order fixed before the run, front to back: FCFS, random and DFS
+/// are each just the function that computes their order.
 #[derive(Clone, Debug)]
-pub(crate) struct FixedOrder {
+pub struct FixedOrder {
+    name: &'static str,
     order: Vec<RequestIndex>,
     next: usize,
 }
 
 impl FixedOrder {
-    pub(crate) fn new(order: Vec<RequestIndex>) -> Self {
-        FixedOrder { order, next: 0 }
+    pub fn new(name: &'static str, order: Vec<RequestIndex>) -> Self {
+        FixedOrder {
+            name,
+            order,
+            next: 0,
+        }
     }
 
-    pub(crate) fn next(&mut self) -> Option<RequestIndex> {
+    pub(crate) fn pop(&mut self) -> Option<RequestIndex> {
         let r = self.order.get(self.next).copied();
         self.next += usize::from(r.is_some());
         r
     }
+}
 
-    pub(crate) fn remaining(&self) -> usize {
+impl Policy for FixedOrder {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn next(&mut self, _view: &BatchView) -> Option<RequestIndex> {
+        self.pop()
+    }
+    fn remaining(&self) -> usize {
         self.order.len() - self.next
     }
 }
