@@ -1,0 +1,96 @@
+//! Token sampling: greedy, temperature, top-k, top-p, seeded per sequence.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability adds up to at least this (1 = off).
+    pub top_p: f32,
+    /// Keep this many most likely tokens (0 = off).
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// Samples one sequence's tokens; the same seed gives the same tokens.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        Sampler {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| {
+                    if l > best.1 {
+                        (i, l)
+                    } else {
+                        best
+                    }
+                })
+                .0 as u32
+        };
+        if self.params.temperature <= 0.0 || self.params.top_k == 1 {
+            return argmax();
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut candidates: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                (
+                    i as u32,
+                    f64::from((l - max) / self.params.temperature).exp(),
+                )
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            candidates.truncate(self.params.top_k);
+        }
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        if self.params.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = candidates
+                .iter()
+                .position(|c| {
+                    cumulative += c.1 / total;
+                    cumulative >= f64::from(self.params.top_p)
+                })
+                .map_or(candidates.len(), |i| i + 1);
+            candidates.truncate(keep.max(1));
+        }
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        let mut x = self.rng.gen::<f64>() * total;
+        for &(token, weight) in &candidates {
+            if x < weight {
+                return token;
+            }
+            x -= weight;
+        }
+        candidates.last().map_or_else(argmax, |c| c.0)
+    }
+}
