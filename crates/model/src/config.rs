@@ -58,6 +58,9 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
+    /// transformers 5 names it so, and moves `rope_theta` into it.
+    rope_parameters: Option<Value>,
+    mlp_bias: Option<bool>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -143,7 +146,19 @@ impl ModelConfig {
                 )));
             }
         }
-        let rope_scaling = match &hf.rope_scaling {
+        if hf.mlp_bias == Some(true) {
+            return Err(err("mlp_bias = true is not supported".into()));
+        }
+        let rope_theta = hf
+            .rope_theta
+            .or_else(|| {
+                hf.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(10_000.0);
+        let rope_scaling = match hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()) {
             None | Some(Value::Null) => None,
             Some(v) => {
                 let kind = v
@@ -151,7 +166,7 @@ impl ModelConfig {
                     .or_else(|| v.get("type"))
                     .and_then(Value::as_str)
                     .unwrap_or("");
-                if kind == "default" {
+                if kind == "default" || (kind.is_empty() && v.get("factor").is_none()) {
                     None
                 } else if kind != "llama3" {
                     return Err(err(format!(
@@ -184,7 +199,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),

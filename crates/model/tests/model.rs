@@ -80,6 +80,27 @@ fn parses_hf_configs() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("GPT2LMHeadModel"), "{err}");
+    // transformers 5 writes rope_parameters, with rope_theta inside.
+    let v5 = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+    let c5 = ModelConfig::from_hf_json(v5, Path::new("v5.json")).unwrap();
+    assert_eq!(c5.rope_theta, 500000.0);
+    assert_eq!(c5.rope_inv_freq(), inv);
+    let plain = r#"{"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}"#;
+    let cp = ModelConfig::from_hf_json(plain, Path::new("p.json")).unwrap();
+    assert_eq!((cp.rope_theta, cp.rope_scaling), (1_000_000.0, None));
+    let mlp_bias = llama.replace(
+        "\"num_hidden_layers\": 32",
+        "\"num_hidden_layers\": 32, \"mlp_bias\": true",
+    );
+    assert!(ModelConfig::from_hf_json(&mlp_bias, Path::new("b.json"))
+        .unwrap_err()
+        .to_string()
+        .contains("mlp_bias"));
     let yarn = llama.replace("\"llama3\"", "\"yarn\"");
     assert!(ModelConfig::from_hf_json(&yarn, Path::new("y.json"))
         .unwrap_err()

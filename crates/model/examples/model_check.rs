@@ -1,0 +1,162 @@
+//! Runs the paged forward on a model folder and writes what the GPU check compares with HF
+//! transformers: for each prompt, the last-position logits after a chunked, mixed-batch prefill,
+//! and `--steps` greedy tokens decoded through the paged cache.
+//!
+//! ```text
+//! cargo run --release -p model --example model_check [--features cuda] -- \
+//!     --model DIR --prompts prompts.json --out out.json --device cpu|cuda --steps 8
+//! ```
+//! `prompts.json` is a JSON list of token-id lists.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use model::{
+    logits_rows, ForwardBatch, LlamaModel, PagedKvCache, Sampler, SamplingParams, SequenceChunk,
+};
+
+struct Args {
+    model: PathBuf,
+    prompts: PathBuf,
+    out: PathBuf,
+    device: String,
+    steps: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let (mut model, mut prompts, mut out, mut device, mut steps) =
+        (None, None, None, "cpu".to_string(), 8);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--prompts" => prompts = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--device" => device = value()?,
+            "--steps" => {
+                steps = value()?
+                    .parse()
+                    .map_err(|_| "--steps takes a number".to_string())?
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Args {
+        model: model.ok_or("--model is required")?,
+        prompts: prompts.ok_or("--prompts is required")?,
+        out: out.ok_or("--out is required")?,
+        device,
+        steps,
+    })
+}
+
+fn run<B: Backend>(args: &Args, device: B::Device) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(&args.prompts)
+        .map_err(|e| format!("{}: {e}", args.prompts.display()))?;
+    let prompts: Vec<Vec<u32>> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
+    let started = Instant::now();
+    let model = LlamaModel::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let block = 16;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + args.steps + 1;
+    let per_seq = longest.div_ceil(block);
+    let mut cache = PagedKvCache::<B>::new(model.config(), per_seq * prompts.len(), block, &device);
+    // Interleaved block ids, so no sequence's blocks are contiguous.
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|s| {
+            (0..per_seq)
+                .map(|k| (k * prompts.len() + s) as u32)
+                .collect()
+        })
+        .collect();
+    // Prefill in two mixed steps: the first half of every prompt, then the rest with logits.
+    let started = Instant::now();
+    for half in [false, true] {
+        let sequences = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| {
+                let cut = p.len() / 2;
+                let (from, to) = if half { (cut, p.len()) } else { (0, cut) };
+                SequenceChunk {
+                    tokens: p[from..to].to_vec(),
+                    start_position: from,
+                    block_table: t.clone(),
+                    logits: half,
+                }
+            })
+            .filter(|s| !s.tokens.is_empty())
+            .collect();
+        let logits = model
+            .forward(&ForwardBatch { sequences }, &mut cache)
+            .map_err(|e| e.to_string())?;
+        if half {
+            let rows = logits_rows(logits);
+            let mut generated: Vec<Vec<u32>> = rows
+                .iter()
+                .map(|r| vec![Sampler::new(SamplingParams::default()).sample(r)])
+                .collect();
+            for _ in 1..args.steps {
+                let sequences = prompts
+                    .iter()
+                    .zip(&tables)
+                    .zip(&generated)
+                    .map(|((p, t), g)| SequenceChunk {
+                        tokens: vec![*g.last().expect("one token")],
+                        start_position: p.len() + g.len() - 1,
+                        block_table: t.clone(),
+                        logits: true,
+                    })
+                    .collect();
+                let next = logits_rows(
+                    model
+                        .forward(&ForwardBatch { sequences }, &mut cache)
+                        .map_err(|e| e.to_string())?,
+                );
+                for (g, r) in generated.iter_mut().zip(&next) {
+                    g.push(Sampler::new(SamplingParams::default()).sample(r));
+                }
+            }
+            return Ok(serde_json::json!({
+                "device": args.device,
+                "load_secs": load_secs,
+                "run_secs": started.elapsed().as_secs_f64(),
+                "last_logits": rows,
+                "greedy_tokens": generated,
+            }));
+        }
+    }
+    Err("no prompts".into())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = match args.device.as_str() {
+        "cpu" => run::<model::CpuBackend>(&args, Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            run::<burn::backend::Cuda<f32>>(&args, burn::backend::cuda::CudaDevice::default())
+        }
+        other => Err(format!(
+            "device `{other}` is not available in this build (cpu; cuda with --features cuda)"
+        )),
+    };
+    match result.and_then(|v| {
+        std::fs::write(&args.out, v.to_string()).map_err(|e| format!("{}: {e}", args.out.display()))
+    }) {
+        Ok(()) => println!("wrote {}", args.out.display()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
