@@ -225,6 +225,21 @@ macro_rules! apply_fields {
     };
 }
 
+/// The preset `name` of `kind`, or an error listing the known ones.
+fn preset_or_error<T>(
+    kind: &str,
+    name: &str,
+    lookup: fn(&str) -> Option<T>,
+    known: &[&str],
+) -> Result<T, SchedulerError> {
+    lookup(name).ok_or_else(|| {
+        SchedulerError::Config(format!(
+            "unknown {kind} preset `{name}` (known: {})",
+            known.join(", ")
+        ))
+    })
+}
+
 impl OverrideFile {
     pub fn parse(text: &str) -> Result<OverrideFile, SchedulerError> {
         toml::from_str(text).map_err(|e| SchedulerError::Config(format!("override file: {e}")))
@@ -233,12 +248,7 @@ impl OverrideFile {
     /// Resolves the model: the file's preset (else `default_preset`), then the file's fields.
     pub fn model(&self, default_preset: &str) -> Result<ModelConfig, SchedulerError> {
         let preset = self.model.preset.as_deref().unwrap_or(default_preset);
-        let mut m = ModelConfig::preset(preset).ok_or_else(|| {
-            SchedulerError::Config(format!(
-                "unknown model preset `{preset}` (known: {})",
-                ModelConfig::PRESETS.join(", ")
-            ))
-        })?;
+        let mut m = preset_or_error("model", preset, ModelConfig::preset, &ModelConfig::PRESETS)?;
         let o = &self.model;
         apply_fields!(
             m,
@@ -279,12 +289,12 @@ impl OverrideFile {
     /// Resolves the hardware: the file's preset (else `default_preset`), then the file's fields.
     pub fn hardware(&self, default_preset: &str) -> Result<HardwareConfig, SchedulerError> {
         let preset = self.hardware.preset.as_deref().unwrap_or(default_preset);
-        let mut h = HardwareConfig::preset(preset).ok_or_else(|| {
-            SchedulerError::Config(format!(
-                "unknown hardware preset `{preset}` (known: {})",
-                HardwareConfig::PRESETS.join(", ")
-            ))
-        })?;
+        let mut h = preset_or_error(
+            "hardware",
+            preset,
+            HardwareConfig::preset,
+            &HardwareConfig::PRESETS,
+        )?;
         let o = &self.hardware;
         apply_fields!(
             h,
