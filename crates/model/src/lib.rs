@@ -19,7 +19,7 @@ mod weights;
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use error::ModelError;
 pub use forward::{logits_rows, ForwardBatch, LlamaModel, PagedKvCache, SequenceChunk};
-pub use sample::{Sampler, SamplingParams};
+pub use sample::{Sampler, SamplingParams, StopCriteria, StopReason};
 pub use tokenizer::TextTokenizer;
 pub use weights::WeightStore;
 

@@ -94,3 +94,35 @@ impl Sampler {
         candidates.last().map_or_else(argmax, |c| c.0)
     }
 }
+
+/// Why a sequence stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token (EOS or one the request named) was generated.
+    StopToken(u32),
+    /// `max_tokens` tokens were generated.
+    Length,
+}
+
+/// When a sequence stops: a stop token, or `max_tokens` generated tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopCriteria {
+    pub max_tokens: u32,
+    /// Token ids that end the sequence (the model's EOS ids plus any the request names).
+    pub stop_token_ids: Vec<u32>,
+    /// Never stop on a stop token (benchmarks that must generate exactly `max_tokens`).
+    pub ignore_eos: bool,
+}
+
+impl StopCriteria {
+    /// Checks the sequence after `token` was appended as its `generated`-th token.
+    pub fn check(&self, token: u32, generated: u32) -> Option<StopReason> {
+        if !self.ignore_eos && self.stop_token_ids.contains(&token) {
+            Some(StopReason::StopToken(token))
+        } else if generated >= self.max_tokens {
+            Some(StopReason::Length)
+        } else {
+            None
+        }
+    }
+}

@@ -580,3 +580,24 @@ fn burn_forward_matches_a_naive_f64_llama() {
         );
     }
 }
+
+#[test]
+fn stop_criteria_end_sequences() {
+    use model::{StopCriteria, StopReason};
+    let stop = StopCriteria {
+        max_tokens: 3,
+        stop_token_ids: vec![2, 7],
+        ignore_eos: false,
+    };
+    assert_eq!(stop.check(5, 1), None);
+    assert_eq!(stop.check(7, 1), Some(StopReason::StopToken(7)));
+    assert_eq!(stop.check(5, 3), Some(StopReason::Length));
+    // A stop token on the last allowed step reports the token.
+    assert_eq!(stop.check(2, 3), Some(StopReason::StopToken(2)));
+    let ignore = StopCriteria {
+        ignore_eos: true,
+        ..stop
+    };
+    assert_eq!(ignore.check(2, 1), None);
+    assert_eq!(ignore.check(2, 3), Some(StopReason::Length));
+}
