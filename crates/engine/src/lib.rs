@@ -123,6 +123,8 @@ pub fn generate<B: Backend>(
         sources: vec!["engine".into()],
     };
     let block_tokens = config.scheduler.block_tokens;
+    // Output lengths are unknown before running. BlendServe's sampled estimate needs a sample
+    // run first (issue 4); until then policies see `max_tokens`.
     let preparation = Preparation::new(
         &workload,
         perf,
@@ -137,11 +139,12 @@ pub fn generate<B: Backend>(
     let kv = KvCacheConfig {
         block_tokens,
         num_blocks: config.num_kv_blocks,
+        // K and V, every layer, in the backend's float element (what PagedKvCache stores).
         bytes_per_token: (2
             * model.config().num_layers
             * model.config().num_kv_heads
             * model.config().head_dim
-            * 2) as u64,
+            * std::mem::size_of::<B::FloatElem>()) as u64,
         enable_prefix_caching: config.scheduler.enable_prefix_caching,
     };
     let mut sched = Scheduler::new(
