@@ -313,15 +313,6 @@ impl<'w> Scheduler<'w> {
                 "KV block size differs from the scheduler's".into(),
             ));
         }
-        let mode = match config.token_budget {
-            TokenBudget::PolicyDefault => policy.preferred_budget(),
-            mode => mode,
-        };
-        if matches!(mode, TokenBudget::Balanced { .. }) && perf.is_none() {
-            return Err(SchedulerError::Config(
-                "the balanced token budget needs a performance model".into(),
-            ));
-        }
         if demand.len() != workload.len() || estimated_output.len() != workload.len() {
             return Err(SchedulerError::Config(
                 "one estimate per request is needed".into(),
@@ -371,7 +362,7 @@ impl<'w> Scheduler<'w> {
             rejected: rejections.len() as u64,
             ..SchedulerStats::default()
         };
-        Ok(Scheduler {
+        let scheduler = Scheduler {
             workload,
             kv: KvCacheManager::new(KvCacheConfig {
                 enable_prefix_caching: config.enable_prefix_caching && kv.enable_prefix_caching,
@@ -396,7 +387,15 @@ impl<'w> Scheduler<'w> {
             rejections,
             unfinished,
             stats,
-        })
+        };
+        if matches!(scheduler.token_budget(), TokenBudget::Balanced { .. })
+            && scheduler.perf.is_none()
+        {
+            return Err(SchedulerError::Config(
+                "the balanced token budget needs a performance model".into(),
+            ));
+        }
+        Ok(scheduler)
     }
 
     pub fn policy_name(&self) -> &str {

@@ -45,21 +45,15 @@ pub fn optimal_bound(
             );
         }
     }
-    let kv = m.kv_bytes_per_token() as f64;
     let mut decode_tokens = 0f64;
     let mut longest = 0u32;
     for r in &workload.requests {
-        let p = r.prompt_tokens() as f64;
         let d = r.sim_output_tokens();
         longest = longest.max(d);
-        let steps = f64::from(d - 1);
-        decode_tokens += steps;
-        let keys = steps * p + steps * (steps + 1.0) / 2.0;
-        // First token's logits come with the prefill; each decode step adds one token.
-        cost.gemm_flops +=
-            m.lm_head_flops() + steps * (m.linear_flops_per_token() + m.lm_head_flops());
-        cost.decode_attention_flops += m.attention_flops_per_key() * keys;
-        cost.decode_kv_bytes += kv * keys;
+        decode_tokens += f64::from(d - 1);
+        cost += perf.decode_cost(r.prompt_tokens(), u64::from(d));
+        // The first token's logits come with the prefill.
+        cost.gemm_flops += m.lm_head_flops();
     }
     let tokens = tree.unique_prompt_tokens() as f64 + decode_tokens;
     let min_steps = (tokens / f64::from(max_batch_tokens.max(1)))

@@ -157,6 +157,28 @@ impl PerfModel {
         n.max(0.0) as u64
     }
 
+    /// The work of decoding `output_tokens` tokens after a prompt of `prompt_tokens` (the first
+    /// output token comes with the prefill): every decode step's GEMMs and logits, and its
+    /// attention over the prompt and the tokens so far. Weights excluded.
+    pub fn decode_cost(&self, prompt_tokens: u64, output_tokens: u64) -> StepCost {
+        let m = &self.model;
+        let steps = output_tokens.saturating_sub(1) as f64;
+        // Decode step k (1-based) attends prompt + k keys and reads that much KV.
+        let keys = steps * prompt_tokens as f64 + steps * (steps + 1.0) / 2.0;
+        StepCost {
+            gemm_flops: steps * (m.linear_flops_per_token() + m.lm_head_flops()),
+            decode_attention_flops: m.attention_flops_per_key() * keys,
+            decode_kv_bytes: m.kv_bytes_per_token() as f64 * keys,
+            ..StepCost::default()
+        }
+    }
+
+    /// A cost as demand on the two resources (independent of the executor).
+    fn demand(&self, cost: &StepCost) -> Demand {
+        let t = self.time(cost);
+        Demand::new(t.compute_secs, t.memory_secs)
+    }
+
     /// The fixed part of one step: one pass over the weights.
     pub fn step_base_cost(&self) -> StepCost {
         StepCost {
@@ -236,13 +258,7 @@ impl DemandModel for PerfModel {
         if len_tokens == 0 {
             return Demand::ZERO;
         }
-        let c = self.piece_cost(start_tokens, len_tokens, false);
-        let f = self.hardware.effective_flops();
-        let b = self.hardware.effective_bytes_per_sec();
-        Demand::new(
-            (c.gemm_flops + c.prefill_attention_flops + c.decode_attention_flops) / f,
-            (c.prefill_kv_bytes + c.decode_kv_bytes) / b,
-        )
+        self.demand(&self.piece_cost(start_tokens, len_tokens, false))
     }
 
     fn decode_demand(&self, prompt_tokens: u64, output_tokens: u64) -> Demand {
@@ -250,16 +266,13 @@ impl DemandModel for PerfModel {
         if steps == 0.0 {
             return Demand::ZERO;
         }
-        let m = &self.model;
-        let f = self.hardware.effective_flops();
-        let b = self.hardware.effective_bytes_per_sec();
-        // Decode step k (1-based) attends prompt + k keys and reads that much KV.
-        let keys = steps * prompt_tokens as f64 + steps * (steps + 1.0) / 2.0;
-        let compute = steps * (m.linear_flops_per_token() + m.lm_head_flops())
-            + m.attention_flops_per_key() * keys;
-        let memory = keys * m.kv_bytes_per_token() as f64
-            + steps * m.weight_bytes_per_step() as f64 / self.decode_concurrency_hint.max(1.0);
-        Demand::new(compute / f, memory / b)
+        // Each decode step's share of that step's weight pass.
+        let weight_share = StepCost {
+            weight_bytes: steps * self.model.weight_bytes_per_step() as f64
+                / self.decode_concurrency_hint.max(1.0),
+            ..StepCost::default()
+        };
+        self.demand(&self.decode_cost(prompt_tokens, output_tokens)) + self.demand(&weight_share)
     }
 }
 

@@ -472,15 +472,15 @@ fn build_prompt(
     prompt
 }
 
-/// Every record of one pool, in file order, as requests with their recorded lengths.
-pub fn trace_in_file_order(pool: &str, pools: &TracePools) -> Workload {
+/// Every record of a trace, in file order, as requests with their recorded lengths.
+pub fn trace_in_file_order(name: &str, records: &[TraceRecord]) -> Workload {
     let mut ids = ContentIdAllocator::default();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut workload = Workload::default();
-    let source = workload.source_index(pool);
-    for record in pools.get(pool).unwrap_or(&[]) {
+    let source = workload.source_index(name);
+    for record in records {
         workload.requests.push(Request {
-            id: format!("{pool}-{}", record.line),
+            id: format!("{name}-{}", record.line),
             prompt: build_prompt(record, 0, 0, None, &mut rng, &mut ids),
             max_tokens: DEFAULT_MAX_TOKENS.max(record.output_tokens),
             output_tokens: Some(record.output_tokens),

@@ -139,7 +139,5 @@ pub fn load_file(path: &std::path::Path) -> Result<Workload, WorkloadError> {
     let name = path
         .file_stem()
         .map_or_else(|| "trace".to_string(), |s| s.to_string_lossy().into_owned());
-    let mut pools = generator::TracePools::default();
-    pools.insert(name.clone(), records);
-    Ok(generator::trace_in_file_order(&name, &pools))
+    Ok(generator::trace_in_file_order(&name, &records))
 }

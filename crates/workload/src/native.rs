@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{Chunk, ContentIdAllocator, Namespace, Request, Workload, WorkloadError};
@@ -72,7 +72,7 @@ pub fn parse_native_jsonl(text: &str, origin: &Path) -> Result<Workload, Workloa
 struct NativeParser {
     workload: Workload,
     segments: FxHashMap<String, Chunk>,
-    seen_ids: FxHashMap<String, ()>,
+    seen_ids: FxHashSet<String>,
     ids: ContentIdAllocator,
 }
 
@@ -82,7 +82,7 @@ impl NativeParser {
             return Ok(());
         }
         let line: NativeLine = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if self.seen_ids.insert(line.id.clone(), ()).is_some() {
+        if !self.seen_ids.insert(line.id.clone()) {
             return Err(format!("duplicate request id `{}`", line.id));
         }
         if line.max_tokens == 0 {
