@@ -39,7 +39,7 @@ def make_models(root, big_layers):
     torch.manual_seed(0)
     specs = []
     tiny_llama = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         rms_norm_eps=1e-5, tie_word_embeddings=False,
         **rope(500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -47,7 +47,7 @@ def make_models(root, big_layers):
     )
     specs.append(("tiny-llama", LlamaForCausalLM, tiny_llama, torch.float32))
     tiny_qwen = Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=True, use_sliding_window=False,
     )
@@ -75,11 +75,11 @@ def make_models(root, big_layers):
     return made
 
 
-def reference(cls, path, prompts, steps):
+def reference(cls, path, prompts, steps, dtype=torch.float32):
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32)
+        model = cls.from_pretrained(path, dtype=dtype)
     except TypeError:
-        model = cls.from_pretrained(path, torch_dtype=torch.float32)
+        model = cls.from_pretrained(path, torch_dtype=dtype)
     model = model.cuda().eval()
     last, greedy = [], []
     with torch.no_grad():
@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--devices", default="cuda,cpu")
     ap.add_argument("--big-layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--prompt-lengths", default="5,37,100")
+    ap.add_argument("--prompt-lengths", default="5,37,100,300")
     ap.add_argument("--binary-timeout", type=int, default=200)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -123,6 +123,8 @@ def main():
         with open(prompt_file, "w") as f:
             json.dump(prompts, f)
         ref_last, ref_greedy = reference(cls, path, prompts, args.steps)
+        # transformers itself in bf16: how far a bf16 computation lands from the f32 reference.
+        bf_last, _ = reference(cls, path, prompts, 0, torch.bfloat16)
         for device in args.devices.split(","):
             out_file = os.path.join(path, f"ours-{device}.json")
             t = time.time()
@@ -148,6 +150,7 @@ def main():
                 results.append({
                     "model": name, "device": device, "prompt_tokens": len(p),
                     "rel_l2_error": rel,
+                    "hf_bf16_rel_l2_error": float((bf_last[i] - b).norm() / b.norm()),
                     "max_abs_error": float((a - b).abs().max()),
                     "ref_top2_margin": float(top2[0] - top2[1]),
                     "argmax_match": int(a.argmax()) == int(b.argmax()),
@@ -168,8 +171,12 @@ def main():
     # the CUDA path is held to the bf16 band (METHOD.md: 1e-3 to 1e-2). An argmax may differ
     # only where the reference's top-2 margin is within the observed error (near-ties of
     # random-weight models).
-    tolerance = {"cpu": 1e-5, "cuda": 1e-2}
-    print(f"{'model':28s} {'device':6s} {'prompt':>6s} {'rel_l2':>10s} {'max_abs':>9s} {'margin':>9s} {'argmax':>6s} {'greedy':>6s} {'ok':>4s}")
+    # Our CUDA path computes in bf16 (weights rounded to bf16, bf16 activations as transformers
+    # in bf16): it passes when it lands no further from the f32 reference than transformers'
+    # own bf16 run does (x1.5, + 5e-3).
+    tolerance = {"cpu": lambda r: 1e-5, "burn-cuda": lambda r: 1e-2,
+                 "cuda": lambda r: 1.5 * r["hf_bf16_rel_l2_error"] + 5e-3}
+    print(f"{'model':28s} {'device':9s} {'prompt':>6s} {'rel_l2':>10s} {'hf_bf16':>9s} {'max_abs':>9s} {'margin':>9s} {'argmax':>6s} {'greedy':>6s} {'ok':>4s}")
     ok = True
     for r in results:
         if "error" in r:
@@ -177,9 +184,9 @@ def main():
             print(f"{r['model']:28s} {r['device']:6s} ERROR {r['error'][:200]}")
             continue
         near_tie = r["ref_top2_margin"] < 4 * r["max_abs_error"]
-        good = r["rel_l2_error"] < tolerance[r["device"]] and (r["argmax_match"] or near_tie)
+        good = r["rel_l2_error"] < tolerance[r["device"]](r) and (r["argmax_match"] or near_tie)
         ok &= good
-        print(f"{r['model']:28s} {r['device']:6s} {r['prompt_tokens']:6d} {r['rel_l2_error']:10.2e} "
+        print(f"{r['model']:28s} {r['device']:9s} {r['prompt_tokens']:6d} {r['rel_l2_error']:10.2e} {r['hf_bf16_rel_l2_error']:9.2e} "
               f"{r['max_abs_error']:9.2e} {r['ref_top2_margin']:9.2e} {str(r['argmax_match']):>6s} "
               f"{str(r['greedy_match']):>6s} {str(good):>4s}")
     print("PASS" if ok else "FAIL")

@@ -1,5 +1,6 @@
 //! The offline batch engine's core: the very [`scheduler::Scheduler`] the simulator uses,
-//! driving a real [`model::LlamaModel`] step by step.
+//! driving a real model (any [`model::StepModel`]: burn on the CPU, the CUDA fast path) step by
+//! step.
 //!
 //! Owns: turning each step's plan into a mixed forward batch over the paged cache (token ids,
 //! positions, the KV manager's block tables), sampling, stop criteria, and collecting finished
@@ -9,11 +10,10 @@
 //! Must not touch: scheduling decisions (the scheduler's), request files and the CLI (the
 //! `blendserve` binary's), GPU kernels (the model's).
 
-use burn::tensor::backend::Backend;
 use kv_cache::{KvCacheConfig, SeqId};
 use model::{
-    logits_rows, ForwardBatch, LlamaModel, ModelError, PagedKvCache, Sampler, SamplingParams,
-    SequenceChunk, StopCriteria, StopReason,
+    ForwardBatch, ModelError, Sampler, SamplingParams, SequenceChunk, StepModel, StopCriteria,
+    StopReason,
 };
 use scheduler::{
     FinishReason, PolicyInput, PolicyKind, Preparation, RequestEstimates, Scheduler,
@@ -84,8 +84,8 @@ pub struct EngineStats {
 }
 
 /// Generates for every request, calling `on_finished` as each one ends (in finishing order).
-pub fn generate<B: Backend>(
-    model: &LlamaModel<B>,
+pub fn generate<M: StepModel + ?Sized>(
+    model: &mut M,
     requests: &[GenerationRequest],
     config: &EngineConfig,
     perf: &scheduler::PerfModel,
@@ -139,12 +139,8 @@ pub fn generate<B: Backend>(
     let kv = KvCacheConfig {
         block_tokens,
         num_blocks: config.num_kv_blocks,
-        // K and V, every layer, in the backend's float element (what PagedKvCache stores).
-        bytes_per_token: (2
-            * model.config().num_layers
-            * model.config().num_kv_heads
-            * model.config().head_dim
-            * std::mem::size_of::<B::FloatElem>()) as u64,
+        // K and V, every layer, in the element the model's cache stores.
+        bytes_per_token: model.kv_bytes_per_token(),
         enable_prefix_caching: config.scheduler.enable_prefix_caching,
     };
     let mut sched = Scheduler::new(
@@ -169,12 +165,7 @@ pub fn generate<B: Backend>(
             rejection: Some(why.to_string()),
         });
     }
-    let mut cache = PagedKvCache::<B>::new(
-        model.config(),
-        config.num_kv_blocks as usize,
-        block_tokens as usize,
-        model.device(),
-    );
+    model.allocate_cache(config.num_kv_blocks as usize, block_tokens as usize)?;
     let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
     let mut stop_reason: Vec<Option<StopReason>> = vec![None; requests.len()];
@@ -225,12 +216,30 @@ pub fn generate<B: Backend>(
                 }
             })
             .collect();
-        let rows = logits_rows(model.forward(&ForwardBatch { sequences }, &mut cache)?);
-        let mut rows = rows.into_iter();
+        let batch = ForwardBatch { sequences };
+        // Greedy rows need only their argmax: the model may take it without copying logits.
+        let all_greedy = plan
+            .items
+            .iter()
+            .filter(|i| i.samples)
+            .all(|i| samplers[i.request as usize].is_greedy());
+        let mut sampled = if all_greedy {
+            model.step_greedy(&batch)?
+        } else {
+            let rows = model.step_logits(&batch)?;
+            plan.items
+                .iter()
+                .filter(|i| i.samples)
+                .zip(&rows)
+                .map(|(item, row)| samplers[item.request as usize].sample(row))
+                .collect()
+        }
+        .into_iter();
         for item in plan.items.iter().filter(|i| i.samples) {
             let r = item.request as usize;
-            let row = rows.next().expect("one logits row per sampling sequence");
-            let token = samplers[r].sample(&row);
+            let token = sampled
+                .next()
+                .expect("one sampled token per sampling sequence");
             generated[r].push(token);
             stop_reason[r] = requests[r].stop.check(token, generated[r].len() as u32);
         }

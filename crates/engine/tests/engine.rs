@@ -5,7 +5,8 @@
 use engine::{generate, EngineConfig, Generation, GenerationEnd, GenerationRequest};
 use model::fixture::{write_tiny_model, TinyModelSpec};
 use model::{
-    logits_rows, CpuBackend, LlamaModel, Sampler, SamplingParams, StopCriteria, StopReason,
+    logits_rows, BurnStepModel, CpuBackend, LlamaModel, Sampler, SamplingParams, StopCriteria,
+    StopReason,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -80,10 +81,11 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
         ..TinyModelSpec::default()
     };
     write_tiny_model(dir.path(), &spec).unwrap();
-    let model = LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap();
+    let mut model =
+        BurnStepModel::new(LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap());
     let reqs = requests(spec.vocab_size() as u32);
     let expected: Vec<(Vec<u32>, GenerationEnd)> =
-        reqs.iter().map(|r| reference(&model, r)).collect();
+        reqs.iter().map(|r| reference(model.model(), r)).collect();
     assert!(expected
         .iter()
         .any(|e| e.1 == GenerationEnd::Stop(StopReason::Length)));
@@ -107,7 +109,7 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
                 seed: 1,
             };
             let mut got: Vec<Option<Generation>> = vec![None; reqs.len()];
-            let stats = generate(&model, &reqs, &config, &perf(), |g| {
+            let stats = generate(&mut model, &reqs, &config, &perf(), |g| {
                 let i = g.index;
                 assert!(got[i].replace(g).is_none(), "request {i} finished twice");
             })
@@ -140,7 +142,8 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
 fn bad_requests_are_refused_with_their_index() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
-    let model = LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap();
+    let mut model =
+        BurnStepModel::new(LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap());
     let config = EngineConfig {
         scheduler: SchedulerConfig::default(),
         policy: PolicyKind::Fcfs,
@@ -149,7 +152,7 @@ fn bad_requests_are_refused_with_their_index() {
     };
     let mut reqs = requests(64);
     reqs[5].prompt = vec![999];
-    let err = generate(&model, &reqs, &config, &perf(), |_| {})
+    let err = generate(&mut model, &reqs, &config, &perf(), |_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("request 5") && err.contains("999"), "{err}");
@@ -157,7 +160,7 @@ fn bad_requests_are_refused_with_their_index() {
     let mut reqs = requests(64);
     reqs[3].prompt = vec![7; 5000];
     let mut ends = Vec::new();
-    generate(&model, &reqs, &config, &perf(), |g| {
+    generate(&mut model, &reqs, &config, &perf(), |g| {
         ends.push((g.index, g.end, g.rejection.clone()))
     })
     .unwrap();

@@ -3,18 +3,18 @@
 //! and `--steps` greedy tokens decoded through the paged cache.
 //!
 //! ```text
-//! cargo run --release -p model --example model_check [--features cuda] -- \
-//!     --model DIR --prompts prompts.json --out out.json --device cpu|cuda --steps 8
+//! cargo run --release -p model --example model_check [--features cuda,burn-cuda] -- \
+//!     --model DIR --prompts prompts.json --out out.json --device cpu|cuda|burn-cuda --steps 8
+//! ```
+//! `cuda` is our fast path (cuBLAS + our kernels, bf16), `burn-cuda` burn's CUDA backend (f32).
+//! ```text
 //! ```
 //! `prompts.json` is a JSON list of token-id lists.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
-use model::{
-    logits_rows, ForwardBatch, LlamaModel, PagedKvCache, Sampler, SamplingParams, SequenceChunk,
-};
+use model::{argmax, BurnStepModel, ForwardBatch, LlamaModel, SequenceChunk, StepModel};
 
 struct Args {
     model: PathBuf,
@@ -52,18 +52,21 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-fn run<B: Backend>(args: &Args, device: B::Device) -> Result<serde_json::Value, String> {
+fn run(
+    args: &Args,
+    model: &mut dyn StepModel,
+    load_secs: f64,
+) -> Result<serde_json::Value, String> {
     let text = std::fs::read_to_string(&args.prompts)
         .map_err(|e| format!("{}: {e}", args.prompts.display()))?;
     let prompts: Vec<Vec<u32>> =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
-    let started = Instant::now();
-    let model = LlamaModel::<B>::load(&args.model, &device).map_err(|e| e.to_string())?;
-    let load_secs = started.elapsed().as_secs_f64();
     let block = 16;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + args.steps + 1;
     let per_seq = longest.div_ceil(block);
-    let mut cache = PagedKvCache::<B>::new(model.config(), per_seq * prompts.len(), block, &device);
+    model
+        .allocate_cache(per_seq * prompts.len(), block)
+        .map_err(|e| e.to_string())?;
     // Interleaved block ids, so no sequence's blocks are contiguous.
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| {
@@ -90,15 +93,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<serde_json::Value, 
             })
             .filter(|s| !s.tokens.is_empty())
             .collect();
-        let logits = model
-            .forward(&ForwardBatch { sequences }, &mut cache)
+        let rows = model
+            .step_logits(&ForwardBatch { sequences })
             .map_err(|e| e.to_string())?;
         if half {
-            let rows = logits_rows(logits);
-            let mut generated: Vec<Vec<u32>> = rows
-                .iter()
-                .map(|r| vec![Sampler::new(SamplingParams::default()).sample(r)])
-                .collect();
+            let mut generated: Vec<Vec<u32>> = rows.iter().map(|r| vec![argmax(r)]).collect();
             for _ in 1..args.steps {
                 let sequences = prompts
                     .iter()
@@ -111,13 +110,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<serde_json::Value, 
                         logits: true,
                     })
                     .collect();
-                let next = logits_rows(
-                    model
-                        .forward(&ForwardBatch { sequences }, &mut cache)
-                        .map_err(|e| e.to_string())?,
-                );
-                for (g, r) in generated.iter_mut().zip(&next) {
-                    g.push(Sampler::new(SamplingParams::default()).sample(r));
+                let next = model
+                    .step_greedy(&ForwardBatch { sequences })
+                    .map_err(|e| e.to_string())?;
+                for (g, t) in generated.iter_mut().zip(next) {
+                    g.push(t);
                 }
             }
             return Ok(serde_json::json!({
@@ -132,6 +129,35 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<serde_json::Value, 
     Err("no prompts".into())
 }
 
+fn load(args: &Args) -> Result<(Box<dyn StepModel>, f64), String> {
+    let started = Instant::now();
+    let model: Box<dyn StepModel> = match args.device.as_str() {
+        "cpu" => Box::new(BurnStepModel::new(
+            LlamaModel::<model::CpuBackend>::load(&args.model, &Default::default())
+                .map_err(|e| e.to_string())?,
+        )),
+        #[cfg(feature = "cuda")]
+        "cuda" => Box::new(model::CudaStepModel::new(
+            model::cuda::CudaLlama::load(&args.model, 0).map_err(|e| e.to_string())?,
+        )),
+        #[cfg(feature = "burn-cuda")]
+        "burn-cuda" => Box::new(BurnStepModel::new(
+            LlamaModel::<burn::backend::Cuda<f32>>::load(
+                &args.model,
+                &burn::backend::cuda::CudaDevice::default(),
+            )
+            .map_err(|e| e.to_string())?,
+        )),
+        other => {
+            return Err(format!(
+                "device `{other}` is not available in this build (cpu; cuda with --features \
+                 cuda; burn-cuda with --features burn-cuda)"
+            ))
+        }
+    };
+    Ok((model, started.elapsed().as_secs_f64()))
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -140,16 +166,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = match args.device.as_str() {
-        "cpu" => run::<model::CpuBackend>(&args, Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => {
-            run::<burn::backend::Cuda<f32>>(&args, burn::backend::cuda::CudaDevice::default())
-        }
-        other => Err(format!(
-            "device `{other}` is not available in this build (cpu; cuda with --features cuda)"
-        )),
-    };
+    let result = load(&args).and_then(|(mut model, load_secs)| run(&args, &mut *model, load_secs));
     match result.and_then(|v| {
         std::fs::write(&args.out, v.to_string()).map_err(|e| format!("{}: {e}", args.out.display()))
     }) {

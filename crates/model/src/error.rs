@@ -26,6 +26,8 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, message: String },
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 impl ModelError {

@@ -403,11 +403,13 @@ impl<B: Backend> LlamaModel<B> {
             .matmul(self.lm_head_t.clone())
     }
 
-    fn check_batch(
+    /// Runs one step: writes the batch's K and V into `cache` and returns logits `[s, vocab]`,
+    /// one row per sequence with `logits` set, in batch order.
+    pub fn forward(
         &self,
         batch: &ForwardBatch,
-        cache: &PagedKvCache<B>,
-    ) -> Result<Vec<usize>, ModelError> {
+        cache: &mut PagedKvCache<B>,
+    ) -> Result<Tensor<B, 2>, ModelError> {
         let c = &self.config;
         if cache.keys.len() != c.num_layers
             || cache
@@ -419,54 +421,7 @@ impl<B: Backend> LlamaModel<B> {
                 "the KV cache was made for another model shape".into(),
             ));
         }
-        let mut slots = Vec::new();
-        for (i, s) in batch.sequences.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return Err(ModelError::Batch(format!("sequence {i} has no tokens")));
-            }
-            let end = s.start_position + s.tokens.len();
-            if end > c.max_position_embeddings {
-                return Err(ModelError::Batch(format!(
-                    "sequence {i} reaches position {end}, past the model's context of {}",
-                    c.max_position_embeddings
-                )));
-            }
-            let blocks_needed = end.div_ceil(cache.block_size);
-            if s.block_table.len() < blocks_needed {
-                return Err(ModelError::Batch(format!(
-                    "sequence {i} needs {blocks_needed} blocks for {end} tokens, its table has {}",
-                    s.block_table.len()
-                )));
-            }
-            if let Some(&b) = s.block_table[..blocks_needed]
-                .iter()
-                .find(|&&b| b as usize >= cache.num_blocks)
-            {
-                return Err(ModelError::Batch(format!(
-                    "sequence {i}: block {b} is outside the cache of {} blocks",
-                    cache.num_blocks
-                )));
-            }
-            slots.extend((s.start_position..end).map(|p| cache.slot(&s.block_table, p)));
-        }
-        let mut sorted = slots.clone();
-        sorted.sort_unstable();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(ModelError::Batch(
-                "two tokens of the batch write the same KV slot".into(),
-            ));
-        }
-        Ok(slots)
-    }
-
-    /// Runs one step: writes the batch's K and V into `cache` and returns logits `[s, vocab]`,
-    /// one row per sequence with `logits` set, in batch order.
-    pub fn forward(
-        &self,
-        batch: &ForwardBatch,
-        cache: &mut PagedKvCache<B>,
-    ) -> Result<Tensor<B, 2>, ModelError> {
-        let slots = self.check_batch(batch, cache)?;
+        let slots = plan_slots(c, batch, cache.block_size, cache.num_blocks)?;
         let tokens: Vec<u32> = batch
             .sequences
             .iter()
@@ -566,4 +521,54 @@ pub fn logits_rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
     (0..rows)
         .map(|r| data[r * vocab..(r + 1) * vocab].to_vec())
         .collect()
+}
+
+/// Checks a batch against the model and a cache of `num_blocks` x `block_size` and returns the
+/// cache slot of each of its tokens, in batch order.
+pub(crate) fn plan_slots(
+    c: &ModelConfig,
+    batch: &ForwardBatch,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<Vec<usize>, ModelError> {
+    let mut slots = Vec::new();
+    for (i, s) in batch.sequences.iter().enumerate() {
+        if s.tokens.is_empty() {
+            return Err(ModelError::Batch(format!("sequence {i} has no tokens")));
+        }
+        let end = s.start_position + s.tokens.len();
+        if end > c.max_position_embeddings {
+            return Err(ModelError::Batch(format!(
+                "sequence {i} reaches position {end}, past the model's context of {}",
+                c.max_position_embeddings
+            )));
+        }
+        let blocks_needed = end.div_ceil(block_size);
+        if s.block_table.len() < blocks_needed {
+            return Err(ModelError::Batch(format!(
+                "sequence {i} needs {blocks_needed} blocks for {end} tokens, its table has {}",
+                s.block_table.len()
+            )));
+        }
+        if let Some(&b) = s.block_table[..blocks_needed]
+            .iter()
+            .find(|&&b| b as usize >= num_blocks)
+        {
+            return Err(ModelError::Batch(format!(
+                "sequence {i}: block {b} is outside the cache of {num_blocks} blocks"
+            )));
+        }
+        slots.extend(
+            (s.start_position..end)
+                .map(|p| s.block_table[p / block_size] as usize * block_size + p % block_size),
+        );
+    }
+    let mut sorted = slots.clone();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(ModelError::Batch(
+            "two tokens of the batch write the same KV slot".into(),
+        ));
+    }
+    Ok(slots)
 }

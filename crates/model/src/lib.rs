@@ -5,14 +5,19 @@
 //! and single decode tokens of others, in one call) reading and writing a paged KV cache laid
 //! out by the `kv-cache` crate's block tables, an unpaged reference forward for checking it,
 //! and sampling. Generic over the burn backend: the CPU (ndarray) backend runs the tests.
+//! With feature `cuda`, [`cuda::CudaLlama`] is the fast path: cuBLAS GEMMs and our own kernels
+//! on one CUDA stream.
 //!
 //! Must not touch: scheduling (which sequences run, which blocks they get) or request files.
 
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod fixture;
 mod forward;
 mod sample;
+mod step;
 mod tokenizer;
 mod weights;
 
@@ -20,6 +25,9 @@ pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use error::ModelError;
 pub use forward::{logits_rows, ForwardBatch, LlamaModel, PagedKvCache, SequenceChunk};
 pub use sample::{Sampler, SamplingParams, StopCriteria, StopReason};
+#[cfg(feature = "cuda")]
+pub use step::CudaStepModel;
+pub use step::{argmax, BurnStepModel, StepModel};
 pub use tokenizer::TextTokenizer;
 pub use weights::WeightStore;
 

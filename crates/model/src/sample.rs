@@ -39,6 +39,11 @@ impl Sampler {
         }
     }
 
+    /// Whether [`Sampler::sample`] is the argmax (first index on ties).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 || self.params.top_k == 1
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let argmax = || {
             logits

@@ -1,0 +1,245 @@
+//! Speed of the CUDA path on the device: cuBLAS GEMMs at Llama-3-8B shapes, paged decode and
+//! prefill attention, and whole decode / prefill steps of a Llama-3-8B-shaped bf16 model with
+//! random weights. Prints one JSON object; `experiments/gpu/bench_model.py` runs it beside the
+//! same measurements in PyTorch and writes the comparison.
+//!
+//! ```text
+//! cargo build --release -p model --example cuda_bench --features cuda
+//! ./target/release/examples/cuda_bench [--quick] > ours.json
+//! ```
+
+use std::time::Instant;
+
+use model::cuda::CudaLlama;
+use model::{CudaStepModel, ForwardBatch, ModelConfig, SequenceChunk, StepModel};
+use serde_json::json;
+
+const BLOCK: usize = 16;
+
+fn llama3_8b(layers: usize) -> ModelConfig {
+    let text = format!(
+        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": {layers},
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false}}"#
+    );
+    ModelConfig::from_hf_json(&text, std::path::Path::new("llama3-8b-shape")).expect("valid config")
+}
+
+/// `seqs` sequences each with a shuffled run of blocks; `chunk` new tokens at `start`.
+fn batch(seqs: usize, start: usize, chunk: usize, num_blocks: usize, logits: bool) -> ForwardBatch {
+    let per_seq = (start + chunk).div_ceil(BLOCK);
+    assert!(per_seq * seqs <= num_blocks, "cache too small");
+    // A fixed pseudo-random permutation of block ids, so tables are not contiguous.
+    let mut ids: Vec<u32> = (0..(per_seq * seqs) as u32).collect();
+    let mut x = 0x2545F491u64;
+    for i in (1..ids.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ids.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    ForwardBatch {
+        sequences: (0..seqs)
+            .map(|s| SequenceChunk {
+                tokens: (0..chunk)
+                    .map(|i| ((s * 7919 + i * 31) % 128000) as u32 + 3)
+                    .collect(),
+                start_position: start,
+                block_table: ids[s * per_seq..(s + 1) * per_seq].to_vec(),
+                logits,
+            })
+            .collect(),
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut out = serde_json::Map::new();
+    let t0 = Instant::now();
+
+    // One layer for the kernel-level measurements.
+    let mut one = CudaLlama::random(llama3_8b(1), 0, 1).expect("model");
+    out.insert("startup_secs".into(), json!(t0.elapsed().as_secs_f64()));
+    let stream = one.stream().clone();
+
+    // HBM copy bandwidth (read + write bytes over time).
+    let bytes = 2usize << 30;
+    let a = stream.alloc_zeros::<u8>(bytes).expect("alloc");
+    let mut b = stream.alloc_zeros::<u8>(bytes).expect("alloc");
+    let secs = one
+        .time(10, |_| {
+            stream
+                .memcpy_dtod(&a, &mut b)
+                .map_err(|e| model::ModelError::Cuda(format!("{e:?}")))
+        })
+        .expect("copy");
+    drop((a, b));
+    let copy_gbps = 2.0 * bytes as f64 / secs / 1e9;
+    out.insert("copy_gbps".into(), json!(copy_gbps));
+    eprintln!("copy bandwidth {copy_gbps:.0} GB/s");
+
+    // GEMMs: out[m, n] = x[m, k] w[n, k]^T.
+    let shapes = [
+        (4096, 6144, "qkv"),
+        (4096, 4096, "o"),
+        (4096, 28672, "gate_up"),
+        (14336, 4096, "down"),
+    ];
+    let ms: &[usize] = if quick {
+        &[1, 256, 4096]
+    } else {
+        &[1, 16, 64, 256, 1024, 4096, 8192]
+    };
+    let mut gemms = Vec::new();
+    for &(k, n, name) in &shapes {
+        let w = stream.alloc_zeros::<u16>(n * k).expect("alloc");
+        for &m in ms {
+            let x = stream.alloc_zeros::<u16>(m * k).expect("alloc");
+            let y = stream.alloc_zeros::<u16>(m * n).expect("alloc");
+            let (wp, xp, yp) = (ptr(&w, &stream), ptr(&x, &stream), ptr(&y, &stream));
+            let g = one.gemm();
+            g.bf16(yp, xp, wp, m, k, n, false).expect("gemm");
+            let reps = if m >= 4096 { 20 } else { 50 };
+            let secs = one
+                .time(reps, |_| g.bf16(yp, xp, wp, m, k, n, false))
+                .expect("gemm");
+            let tflops = 2.0 * (m * n * k) as f64 / secs / 1e12;
+            eprintln!(
+                "gemm {name} m={m} k={k} n={n}: {:.1} us, {tflops:.0} TFLOP/s",
+                secs * 1e6
+            );
+            gemms.push(
+                json!({"name": name, "m": m, "k": k, "n": n, "secs": secs, "tflops": tflops}),
+            );
+        }
+    }
+    out.insert("gemm".into(), json!(gemms));
+
+    // Paged decode attention: one query token per sequence over `ctx` cached tokens.
+    let cases: &[(usize, usize)] = if quick {
+        &[(64, 2048), (256, 512)]
+    } else {
+        &[
+            (64, 512),
+            (64, 2048),
+            (64, 8192),
+            (128, 2048),
+            (256, 512),
+            (256, 2048),
+            (256, 4096),
+            (512, 512),
+            (512, 2048),
+            (512, 4096),
+        ]
+    };
+    let max_tokens = cases
+        .iter()
+        .map(|&(b, c)| b * (c + BLOCK))
+        .max()
+        .unwrap_or(0);
+    let cache = one
+        .new_cache(max_tokens / BLOCK + 64, BLOCK)
+        .expect("cache");
+    let mut decode = Vec::new();
+    for &(seqs, ctx) in cases {
+        let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
+        let secs = one
+            .time_attention(&bt, &cache, 20)
+            .expect("decode attention");
+        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        let gbps = kv_bytes / secs / 1e9;
+        eprintln!(
+            "decode attention b={seqs} ctx={ctx}: {:.1} us, {gbps:.0} GB/s ({:.0}% of copy)",
+            secs * 1e6,
+            100.0 * gbps / copy_gbps
+        );
+        decode.push(json!({"batch": seqs, "ctx": ctx, "secs": secs, "gbps": gbps, "of_copy": gbps / copy_gbps}));
+    }
+    out.insert("decode_attention".into(), json!(decode));
+
+    // Paged prefill attention: `seqs` sequences of `len` new tokens from position 0, causal.
+    let cases: &[(usize, usize)] = if quick {
+        &[(1, 2048)]
+    } else {
+        &[
+            (1, 512),
+            (1, 1024),
+            (1, 2048),
+            (1, 4096),
+            (1, 8192),
+            (4, 2048),
+        ]
+    };
+    let mut prefill = Vec::new();
+    for &(seqs, len) in cases {
+        let bt = batch(seqs, 0, len, cache.num_blocks(), false);
+        let secs = one
+            .time_attention(&bt, &cache, 10)
+            .expect("prefill attention");
+        // Causal: half of the 4 * len^2 * d * heads FLOPs of full attention.
+        let flops = seqs as f64 * 2.0 * (len * len) as f64 * 128.0 * 32.0;
+        eprintln!(
+            "prefill attention {seqs}x{len}: {:.1} us, {:.0} TFLOP/s",
+            secs * 1e6,
+            flops / secs / 1e12
+        );
+        prefill
+            .push(json!({"seqs": seqs, "len": len, "secs": secs, "tflops": flops / secs / 1e12}));
+    }
+    out.insert("prefill_attention".into(), json!(prefill));
+    drop(cache);
+    drop(one);
+
+    // Whole steps of the 32-layer model.
+    let t = Instant::now();
+    let layers = if quick { 8 } else { 32 };
+    let mut full = CudaStepModel::new(CudaLlama::random(llama3_8b(layers), 0, 2).expect("model"));
+    eprintln!(
+        "{layers}-layer model made in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let steps: &[(&str, usize, usize, usize)] = &[
+        // (kind, sequences, start position, new tokens per sequence)
+        ("decode", 64, 2047, 1),
+        ("decode", 256, 511, 1),
+        ("decode", 128, 1023, 1),
+        ("prefill", 1, 0, 2048),
+        ("prefill", 4, 0, 2048),
+    ];
+    let max_tokens = steps
+        .iter()
+        .map(|&(_, s, st, n)| s * (st + n + BLOCK))
+        .max()
+        .unwrap_or(0);
+    full.allocate_cache(max_tokens / BLOCK + 64, BLOCK)
+        .expect("cache");
+    let mut whole = Vec::new();
+    for &(kind, seqs, start, chunk) in steps {
+        let bt = batch(seqs, start, chunk, max_tokens / BLOCK + 64, true);
+        full.step_async(&bt).expect("step");
+        full.model().synchronize().expect("sync");
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            full.step_async(&bt).expect("step");
+        }
+        full.model().synchronize().expect("sync");
+        let secs = t.elapsed().as_secs_f64() / reps as f64;
+        eprintln!(
+            "{kind} step seqs={seqs} start={start} tokens={chunk}: {:.2} ms",
+            secs * 1e3
+        );
+        whole.push(json!({"kind": kind, "seqs": seqs, "start": start, "tokens": chunk, "layers": layers, "secs": secs}));
+    }
+    out.insert("steps".into(), json!(whole));
+    println!("{}", serde_json::Value::Object(out));
+}
+
+fn ptr<T>(
+    buf: &cudarc::driver::CudaSlice<T>,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> u64 {
+    use cudarc::driver::DevicePtr;
+    buf.device_ptr(stream).0
+}

@@ -1,0 +1,648 @@
+// Kernels of the CUDA forward pass. Compiled at load time by NVRTC (no CUDA headers needed:
+// bf16 is handled as raw 16-bit words, tensor-core MMAs are inline PTX for sm_80+).
+//
+// Layouts (row-major, bf16 unless said otherwise):
+//   hidden states        [tokens, hidden]
+//   fused qkv            [tokens, (heads + 2 * kv_heads) * head_dim]   q | k | v
+//   fused gate|up        [tokens, 2 * intermediate]                    gate | up
+//   paged K / V cache    [num_blocks * block_size, kv_heads, head_dim] per layer
+// Rounding follows Hugging Face transformers in bf16 (each torch op rounds its result to bf16).
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float bf2f(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
+
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float round_bf(float f) { return bf2f(f2bf(f)); }
+
+// Two floats to a bf16x2 word: `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf2(float lo, float hi) {
+    return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = (threadIdx.x < warps) ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) partial[0] = v;
+    __syncthreads();
+    float total = partial[0];
+    __syncthreads();
+    return total;
+}
+
+// out[r] = table[ids[r]]; `width` a multiple of 8. One block per row.
+extern "C" __global__ void gather_rows(bf16_t* __restrict__ out, const bf16_t* __restrict__ table,
+                                       const u32* __restrict__ ids, int width) {
+    int row = blockIdx.x;
+    const uint4* src = (const uint4*)(table + (size_t)ids[row] * width);
+    uint4* dst = (uint4*)(out + (size_t)row * width);
+    for (int i = threadIdx.x; i < width / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+// With `delta`: x = bf16(x + delta) (the residual add). Then out = bf16(w * bf16(x * rms(x))).
+// One block per row.
+extern "C" __global__ void add_rms_norm(bf16_t* __restrict__ out, bf16_t* __restrict__ x,
+                                        const bf16_t* __restrict__ delta,
+                                        const bf16_t* __restrict__ weight, int hidden, float eps) {
+    size_t base = (size_t)blockIdx.x * hidden;
+    float sum_sq = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = bf2f(x[base + i]);
+        if (delta != 0) {
+            v = round_bf(v + bf2f(delta[base + i]));
+            x[base + i] = f2bf(v);
+        }
+        sum_sq += v * v;
+    }
+    float inv_rms = rsqrtf(block_sum(sum_sq) / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = bf2f(x[base + i]);
+        out[base + i] = f2bf(bf2f(weight[i]) * round_bf(v * inv_rms));
+    }
+}
+
+// out = bf16(bf16(silu(gate)) * up) over [tokens, inter] from gate|up [tokens, 2 * inter].
+extern "C" __global__ void silu_mul(bf16_t* __restrict__ out, const bf16_t* __restrict__ gate_up,
+                                    int tokens, int inter) {
+    size_t total = (size_t)tokens * inter;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t row = i / inter, col = i % inter;
+        float g = bf2f(gate_up[row * 2 * inter + col]);
+        float u = bf2f(gate_up[row * 2 * inter + inter + col]);
+        float s = round_bf(g / (1.0f + expf(-g)));
+        out[i] = f2bf(s * u);
+    }
+}
+
+// Bias add (Qwen2's q/k/v biases), RoPE on q and k (HF rotate-half layout, cos/sin rounded to
+// bf16 as transformers does), and the new K and V written to their cache slots.
+// One block per token; threads over (head, pair).
+extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t* __restrict__ bias,
+                                         const int* __restrict__ positions,
+                                         const int* __restrict__ slots,
+                                         const float* __restrict__ inv_freq,
+                                         bf16_t* __restrict__ k_cache,
+                                         bf16_t* __restrict__ v_cache, int heads, int kv_heads,
+                                         int head_dim) {
+    int token = blockIdx.x;
+    int width = (heads + 2 * kv_heads) * head_dim;
+    bf16_t* row = qkv + (size_t)token * width;
+    float pos = (float)positions[token];
+    size_t slot = (size_t)slots[token];
+    int half = head_dim / 2;
+    // q and k heads: rotate pairs (j, j + half).
+    for (int i = threadIdx.x; i < (heads + kv_heads) * half; i += blockDim.x) {
+        int head = i / half, j = i % half;
+        int c0 = head * head_dim + j, c1 = c0 + half;
+        float x0 = bf2f(row[c0]), x1 = bf2f(row[c1]);
+        if (bias != 0) {
+            x0 = round_bf(x0 + bf2f(bias[c0]));
+            x1 = round_bf(x1 + bf2f(bias[c1]));
+        }
+        float angle = inv_freq[j] * pos;
+        float c = round_bf(cosf(angle)), s = round_bf(sinf(angle));
+        bf16_t y0 = f2bf(round_bf(x0 * c) + round_bf(-x1 * s));
+        bf16_t y1 = f2bf(round_bf(x1 * c) + round_bf(x0 * s));
+        if (head < heads) {
+            row[c0] = y0;
+            row[c1] = y1;
+        } else {
+            size_t base = (slot * kv_heads + (head - heads)) * head_dim;
+            k_cache[base + j] = y0;
+            k_cache[base + j + half] = y1;
+        }
+    }
+    // v heads: bias, then copy.
+    int v_start = (heads + kv_heads) * head_dim;
+    for (int i = threadIdx.x; i < kv_heads * head_dim; i += blockDim.x) {
+        float v = bf2f(row[v_start + i]);
+        if (bias != 0) v = round_bf(v + bf2f(bias[v_start + i]));
+        v_cache[slot * kv_heads * head_dim + i] = f2bf(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention (one query token per sequence), split over the context.
+//
+// Block (item, kv_head, split): 128 threads = 8 groups of 16 lanes; each lane owns D/16 dims of
+// every query head of the GQA group. A group walks tokens split_start + group, + 8, ...: it
+// reads the token's K row (16 bytes per lane for D = 128), forms the G scores with a 4-step
+// shuffle reduction, and keeps an online softmax. Groups merge in shared memory; a split that
+// is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
+// `paged_decode_reduce`.
+
+template <int G, int D>
+__device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
+                                  float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
+                                  const bf16_t* __restrict__ k_cache,
+                                  const bf16_t* __restrict__ v_cache,
+                                  const u32* __restrict__ block_tables,
+                                  const int* __restrict__ item_rows,
+                                  const int* __restrict__ item_ctx,
+                                  const int* __restrict__ item_table_off, int kv_heads,
+                                  int block_size, int split_tokens, int max_splits, float scale_log2) {
+    constexpr int DL = D / 16;  // dims per lane
+    const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int ctx = item_ctx[item];
+    const int s0 = split * split_tokens;
+    if (s0 >= ctx) return;
+    const int s1 = min(ctx, s0 + split_tokens);
+    const int num_splits = (ctx + split_tokens - 1) / split_tokens;
+    const int heads = kv_heads * G;
+    const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
+    const u32* table = block_tables + item_table_off[item];
+    const int row = item_rows[item];
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
+
+    float q[G][DL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const bf16_t* qp = qkv + row * qkv_width + (size_t)(kvh * G + g) * D + lane * DL;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
+    }
+    float m[G], l[G], acc[G][DL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = -1e30f;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
+    }
+
+    // Every lane runs the same number of iterations (the shuffles need the whole warp); U
+    // tokens per group per iteration keep 2 * U 16-byte loads in flight per lane.
+    constexpr int U = 4;
+    for (int base = s0; base < s1; base += 8 * U) {
+        uint4 kraw[U], vraw[U];
+        bool valid[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * 8 + group;
+            valid[u] = t < s1;
+            kraw[u] = make_uint4(0, 0, 0, 0);
+            vraw[u] = make_uint4(0, 0, 0, 0);
+            if (valid[u]) {
+                size_t slot = (size_t)table[t / block_size] * block_size + t % block_size;
+                size_t off = (slot * kv_heads + kvh) * D + lane * DL;
+                if (DL == 8) {
+                    kraw[u] = *(const uint4*)(k_cache + off);
+                    vraw[u] = *(const uint4*)(v_cache + off);
+                } else {
+                    uint2 k2 = *(const uint2*)(k_cache + off), v2 = *(const uint2*)(v_cache + off);
+                    kraw[u].x = k2.x;
+                    kraw[u].y = k2.y;
+                    vraw[u].x = v2.x;
+                    vraw[u].y = v2.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bf16_t* kr = (const bf16_t*)&kraw[u];
+            const bf16_t* vr = (const bf16_t*)&vraw[u];
+            float s[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < DL; ++i) d += q[g][i] * bf2f(kr[i]);
+                s[g] = d;
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+            }
+            if (!valid[u]) continue;
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                if (s[g] > m[g]) {
+                    float r = exp2f(m[g] - s[g]);
+                    l[g] *= r;
+#pragma unroll
+                    for (int i = 0; i < DL; ++i) acc[g][i] *= r;
+                    m[g] = s[g];
+                }
+                float p = exp2f(s[g] - m[g]);
+                l[g] += p;
+#pragma unroll
+                for (int i = 0; i < DL; ++i) acc[g][i] += p * bf2f(vr[i]);
+            }
+        }
+    }
+
+    // Merge the 8 groups.
+    __shared__ float sm_m[8][G], sm_l[8][G];
+    __shared__ float sm_acc[8][G][D];
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            sm_m[group][g] = m[g];
+            sm_l[group][g] = l[g];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+        int g = idx / D, d = idx % D;
+        float mx = -1e30f;
+        for (int w = 0; w < 8; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.0f, a = 0.0f;
+        for (int w = 0; w < 8; ++w) {
+            float r = exp2f(sm_m[w][g] - mx);
+            lsum += sm_l[w][g] * r;
+            a += sm_acc[w][g][d] * r;
+        }
+        int h = kvh * G + g;
+        if (num_splits == 1) {
+            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
+        } else {
+            size_t p = ((size_t)item * heads + h) * max_splits + split;
+            part_acc[p * D + d] = a;
+            if (d == 0) {
+                part_ml[p * 2] = mx;
+                part_ml[p * 2 + 1] = lsum;
+            }
+        }
+    }
+}
+
+#define DECODE_KERNEL(G, D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode_g##G##_d##D(                   \
+        bf16_t* out, float* part_acc, float* part_ml, const bf16_t* qkv, const bf16_t* k_cache,  \
+        const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
+        const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
+        int split_tokens, int max_splits, float scale_log2) {                                     \
+        paged_decode_impl<G, D>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
+                                item_rows, item_ctx, item_table_off, kv_heads, block_size,       \
+                                split_tokens, max_splits, scale_log2);                            \
+    }
+
+DECODE_KERNEL(1, 64)
+DECODE_KERNEL(2, 64)
+DECODE_KERNEL(3, 64)
+DECODE_KERNEL(4, 64)
+DECODE_KERNEL(5, 64)
+DECODE_KERNEL(6, 64)
+DECODE_KERNEL(7, 64)
+DECODE_KERNEL(8, 64)
+DECODE_KERNEL(1, 128)
+DECODE_KERNEL(2, 128)
+DECODE_KERNEL(3, 128)
+DECODE_KERNEL(4, 128)
+DECODE_KERNEL(5, 128)
+DECODE_KERNEL(6, 128)
+DECODE_KERNEL(7, 128)
+DECODE_KERNEL(8, 128)
+
+// Combines the splits of items whose context spans more than one. Block (item, head), D threads.
+extern "C" __global__ void paged_decode_reduce(bf16_t* __restrict__ out,
+                                               const float* __restrict__ part_acc,
+                                               const float* __restrict__ part_ml,
+                                               const int* __restrict__ item_rows,
+                                               const int* __restrict__ item_ctx, int heads,
+                                               int head_dim, int split_tokens, int max_splits) {
+    int item = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    int ctx = item_ctx[item];
+    int num_splits = (ctx + split_tokens - 1) / split_tokens;
+    if (num_splits <= 1) return;
+    size_t p0 = ((size_t)item * heads + h) * max_splits;
+    float mx = -1e30f;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_ml[(p0 + s) * 2]);
+    float lsum = 0.0f, a = 0.0f;
+    for (int s = 0; s < num_splits; ++s) {
+        float r = exp2f(part_ml[(p0 + s) * 2] - mx);
+        lsum += part_ml[(p0 + s) * 2 + 1] * r;
+        a += part_acc[(p0 + s) * head_dim + d] * r;
+    }
+    out[(size_t)item_rows[item] * heads * head_dim + (size_t)h * head_dim + d] = f2bf(a / lsum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged prefill attention (FlashAttention-2 style, bf16 tensor cores, mma.m16n8k16).
+//
+// Block (tile, head): 4 warps, 64 query rows of one sequence chunk (16 per warp), keys in tiles
+// of 64 gathered from the paged cache (the sequence's earlier chunks and shared prefix blocks as
+// well as this chunk's own keys, which `rope_write_kv` stored first). Causal: query at position
+// p sees keys 0..=p. K and V are kept [key][dim] in shared memory (rows padded by 8 so the
+// fragment loads are free of bank conflicts); V's fragments come transposed by ldmatrix.
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(p));
+    return addr;
+}
+
+// 16 bytes global -> shared, asynchronous; `src_bytes` < 16 zero-fills the rest.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// B fragment of m16n8k16 from a row-major [k][n] tile: lanes 0..15 give the rows k = 0..15.
+__device__ __forceinline__ void ldmatrix_x2_trans(u32& b0, u32& b1, const bf16_t* row) {
+    u32 addr = smem_addr(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b0), "=r"(b1)
+                 : "r"(addr));
+}
+
+template <int D>
+__device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
+                                   const bf16_t* __restrict__ k_cache,
+                                   const bf16_t* __restrict__ v_cache,
+                                   const u32* __restrict__ block_tables,
+                                   const int* __restrict__ tile_seq,
+                                   const int* __restrict__ tile_q0,
+                                   const int* __restrict__ seq_row0,
+                                   const int* __restrict__ seq_start,
+                                   const int* __restrict__ seq_len,
+                                   const int* __restrict__ seq_table_off, int heads, int kv_heads,
+                                   int block_size, float scale_log2) {
+    constexpr int BM = 64, BN = 64, KP = D + 8;
+    // Two stages of K and V tiles (dynamic shared memory: 4 * BN * KP bf16).
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16_t* const smem = (bf16_t*)smem_raw;
+
+    const int tile = blockIdx.x, h = blockIdx.y;
+    const int seq = tile_seq[tile], q0 = tile_q0[tile];
+    const int start = seq_start[seq], len = seq_len[seq], row0 = seq_row0[seq];
+    const int kvh = h / (heads / kv_heads);
+    const u32* table = block_tables + seq_table_off[seq];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
+
+    // Query rows of this thread: r_lo = q0 + warp*16 + g, r_hi = r_lo + 8 (chunk-relative).
+    const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+    const int pos_lo = r_lo < len ? start + r_lo : -1;
+    const int pos_hi = r_hi < len ? start + r_hi : -1;
+
+    // Q fragments (scores are scaled in f32 after the MMA).
+    u32 qf[D / 16][4];
+    {
+        const bf16_t* qlo = qkv + (size_t)(row0 + min(r_lo, len - 1)) * qkv_width + (size_t)h * D;
+        const bf16_t* qhi = qkv + (size_t)(row0 + min(r_hi, len - 1)) * qkv_width + (size_t)h * D;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            int c = kk * 16 + 2 * t;
+            qf[kk][0] = pack_bf2(bf2f(qlo[c]), bf2f(qlo[c + 1]));
+            qf[kk][1] = pack_bf2(bf2f(qhi[c]), bf2f(qhi[c + 1]));
+            qf[kk][2] = pack_bf2(bf2f(qlo[c + 8]), bf2f(qlo[c + 9]));
+            qf[kk][3] = pack_bf2(bf2f(qhi[c + 8]), bf2f(qhi[c + 9]));
+        }
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_lo = -1e30f, m_hi = -1e30f, l_lo = 0.0f, l_hi = 0.0f;
+
+    const int last_q = min(len, q0 + BM) - 1;
+    const int kv_end = start + last_q + 1;  // keys 0..kv_end
+    const int block_first_pos = start + q0;
+
+    // K and V tile at keys k0.. into `stage` with cp.async (zero-filled past the end).
+    auto load_tile = [&](int k0, int stage) {
+        bf16_t* dk = smem + stage * 2 * BN * KP;
+        bf16_t* dv = dk + BN * KP;
+        for (int c = threadIdx.x; c < BN * D / 8; c += blockDim.x) {
+            int key = c / (D / 8), d8 = (c % (D / 8)) * 8;
+            int p = k0 + key;
+            const bf16_t* ks = k_cache;
+            const bf16_t* vs = v_cache;
+            int bytes = 0;
+            if (p < kv_end) {
+                size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
+                size_t off = (slot * kv_heads + kvh) * D + d8;
+                ks = k_cache + off;
+                vs = v_cache + off;
+                bytes = 16;
+            }
+            cp_async16(&dk[key * KP + d8], ks, bytes);
+            cp_async16(&dv[key * KP + d8], vs, bytes);
+        }
+        cp_async_commit();
+    };
+    const int num_tiles = (kv_end + BN - 1) / BN;
+    load_tile(0, 0);
+    for (int tile_i = 0; tile_i < num_tiles; ++tile_i) {
+        const int k0 = tile_i * BN;
+        // Prefetch the next tile into the other stage (free since the barrier that ended the
+        // previous iteration), then wait for this one.
+        if (tile_i + 1 < num_tiles) {
+            load_tile(k0 + BN, (tile_i + 1) & 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16_t* sk = smem + (tile_i & 1) * 2 * BN * KP;
+        const bf16_t* sv = sk + BN * KP;
+
+        // S = Q K^T: 16 x 64 per warp, 8 n-tiles.
+        float s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const bf16_t* kr = &sk[(n * 8 + g) * KP + kk * 16 + 2 * t];
+                mma_bf16(s[n], qf[kk], *(const u32*)kr, *(const u32*)(kr + 8));
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
+        }
+        // Causal mask (and keys past the end) where the tile reaches the diagonal.
+        if (k0 + BN - 1 > block_first_pos) {
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                int key = k0 + n * 8 + 2 * t;
+                if (key > pos_lo) s[n][0] = -1e30f;
+                if (key + 1 > pos_lo) s[n][1] = -1e30f;
+                if (key > pos_hi) s[n][2] = -1e30f;
+                if (key + 1 > pos_hi) s[n][3] = -1e30f;
+            }
+        }
+        // Online softmax over the two rows this thread holds (a quad shares a row).
+        float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        float r_lo_scale = exp2f(m_lo - mx_lo), r_hi_scale = exp2f(m_hi - mx_hi);
+        m_lo = mx_lo;
+        m_hi = mx_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+        u32 pf[BN / 16][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+            float p0 = s[n][0] <= -1e29f ? 0.0f : exp2f(s[n][0] - m_lo);
+            float p1 = s[n][1] <= -1e29f ? 0.0f : exp2f(s[n][1] - m_lo);
+            float p2 = s[n][2] <= -1e29f ? 0.0f : exp2f(s[n][2] - m_hi);
+            float p3 = s[n][3] <= -1e29f ? 0.0f : exp2f(s[n][3] - m_hi);
+            sum_lo += p0 + p1;
+            sum_hi += p2 + p3;
+            int kk = n / 2, half = n % 2;
+            pf[kk][half * 2 + 0] = pack_bf2(p0, p1);
+            pf[kk][half * 2 + 1] = pack_bf2(p2, p3);
+        }
+        l_lo = l_lo * r_lo_scale + sum_lo;
+        l_hi = l_hi * r_hi_scale + sum_hi;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= r_lo_scale;
+            o[n][1] *= r_lo_scale;
+            o[n][2] *= r_hi_scale;
+            o[n][3] *= r_hi_scale;
+        }
+        // O += P V: k = keys (4 steps of 16), n = dims (D / 8 tiles).
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                u32 b0, b1;
+                ldmatrix_x2_trans(b0, b1, &sv[(kk * 16 + (lane & 15)) * KP + n * 8]);
+                mma_bf16(o[n], pf[kk], b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+
+    // Row sums across the quad, normalise, write.
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const size_t out_width = (size_t)heads * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        int d = n * 8 + 2 * t;
+        if (pos_lo >= 0) {
+            u32* dst = (u32*)(out + (size_t)(row0 + r_lo) * out_width + (size_t)h * D + d);
+            *dst = pack_bf2(o[n][0] / l_lo, o[n][1] / l_lo);
+        }
+        if (pos_hi >= 0) {
+            u32* dst = (u32*)(out + (size_t)(row0 + r_hi) * out_width + (size_t)h * D + d);
+            *dst = pack_bf2(o[n][2] / l_hi, o[n][3] / l_hi);
+        }
+    }
+}
+
+#define PREFILL_KERNEL(D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) paged_prefill_d##D(                         \
+        bf16_t* out, const bf16_t* qkv, const bf16_t* k_cache, const bf16_t* v_cache,            \
+        const u32* block_tables, const int* tile_seq, const int* tile_q0, const int* seq_row0,   \
+        const int* seq_start, const int* seq_len, const int* seq_table_off, int heads,           \
+        int kv_heads, int block_size, float scale_log2) {                                         \
+        paged_prefill_impl<D>(out, qkv, k_cache, v_cache, block_tables, tile_seq, tile_q0,       \
+                              seq_row0, seq_start, seq_len, seq_table_off, heads, kv_heads,      \
+                              block_size, scale_log2);                                            \
+    }
+
+PREFILL_KERNEL(64)
+PREFILL_KERNEL(128)
+
+// Greedy sampling: out[r] = argmax of logits row r (f32, [rows, vocab]); ties to the lowest id.
+extern "C" __global__ void argmax_rows(u32* __restrict__ out, const float* __restrict__ logits,
+                                       int vocab) {
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float best = -3.0e38f;
+    int best_i = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > best) {
+            best = v;
+            best_i = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (ov > best || (ov == best && oi < best_i)) {
+            best = ov;
+            best_i = oi;
+        }
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+            if (sv[w] > best || (sv[w] == best && si[w] < best_i)) {
+                best = sv[w];
+                best_i = si[w];
+            }
+        }
+        out[blockIdx.x] = (u32)best_i;
+    }
+}
+
+// Fills a bf16 buffer with uniform(-bound, bound) values from a counter hash (benchmark weights).
+extern "C" __global__ void fill_uniform(bf16_t* __restrict__ out, size_t n, u32 seed, float bound) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        u32 x = (u32)i * 0x9E3779B1u ^ (u32)(i >> 32) * 0x85EBCA77u ^ seed * 0xC2B2AE3Du;
+        x ^= x >> 16;
+        x *= 0x7FEB352Du;
+        x ^= x >> 15;
+        x *= 0x846CA68Bu;
+        x ^= x >> 16;
+        float u = (float)(x >> 8) * (1.0f / 16777216.0f);
+        out[i] = f2bf((2.0f * u - 1.0f) * bound);
+    }
+}

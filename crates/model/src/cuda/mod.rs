@@ -1,0 +1,1233 @@
+//! The CUDA forward pass: bf16 weights and paged KV cache in GPU memory, every GEMM through
+//! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels.cu`, compiled
+//! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
+//! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
+//! on tensor cores. Everything runs on one CUDA stream, in order, with no host synchronisation
+//! inside a step.
+//!
+//! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
+//! its streams private (non-blocking, created per thread, no accessor), so mixing the two would
+//! cost a host synchronisation per GEMM. The burn path stays the reference (CPU tests, the GPU
+//! check); this path is checked against it and against transformers on the device.
+
+mod gemm;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+pub use gemm::Gemm;
+
+use crate::config::ModelConfig;
+use crate::forward::{plan_slots, ForwardBatch};
+use crate::weights::WeightStore;
+use crate::ModelError;
+
+const KERNELS_SRC: &str = include_str!("kernels.cu");
+/// Query rows per prefill attention block (`BM` in `kernels.cu`).
+const PREFILL_TILE_ROWS: usize = 64;
+/// Keys per prefill attention tile (`BN` in `kernels.cu`).
+const PREFILL_TILE_KEYS: usize = 64;
+
+/// Dynamic shared memory of the prefill kernel: two stages of K and V tiles, rows padded by 8.
+fn prefill_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * PREFILL_TILE_KEYS * (head_dim + 8) * 2
+}
+
+pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> ModelError {
+    ModelError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// `kernels.cu` as PTX for compute capability `major.minor`.
+pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, ModelError> {
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    compile_ptx_with_opts(
+        KERNELS_SRC,
+        CompileOptions {
+            arch: Some(arch),
+            options: vec!["-std=c++17".into()],
+            ..Default::default()
+        },
+    )
+    .map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => ModelError::Cuda(format!(
+            "NVRTC cannot compile kernels.cu:\n{}",
+            log.to_string_lossy()
+        )),
+        other => cuda_err("NVRTC", other),
+    })
+}
+
+/// The compiled kernels.
+struct Kernels {
+    _module: Arc<CudaModule>,
+    gather_rows: CudaFunction,
+    add_rms_norm: CudaFunction,
+    silu_mul: CudaFunction,
+    rope_write_kv: CudaFunction,
+    decode: HashMap<(usize, usize), CudaFunction>,
+    decode_reduce: CudaFunction,
+    prefill: HashMap<usize, CudaFunction>,
+    argmax_rows: CudaFunction,
+    fill_uniform: CudaFunction,
+}
+
+impl Kernels {
+    fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, ModelError> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        if major < 8 {
+            return Err(ModelError::Cuda(format!(
+                "compute capability {major}.{minor}: the bf16 tensor-core kernels need 8.0 or newer"
+            )));
+        }
+        let ptx = compile_kernels(major, minor)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| cuda_err("loading kernels", e))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| cuda_err(&format!("kernel {name}"), e))
+        };
+        let mut decode = HashMap::new();
+        for g in 1..=8 {
+            for d in [64, 128] {
+                decode.insert((g, d), f(&format!("paged_decode_g{g}_d{d}"))?);
+            }
+        }
+        let mut prefill = HashMap::new();
+        for d in [64, 128] {
+            let func = f(&format!("paged_prefill_d{d}"))?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem_bytes(d) as i32,
+            )
+            .map_err(|e| cuda_err("prefill kernel shared memory", e))?;
+            prefill.insert(d, func);
+        }
+        Ok(Kernels {
+            gather_rows: f("gather_rows")?,
+            add_rms_norm: f("add_rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            rope_write_kv: f("rope_write_kv")?,
+            decode,
+            decode_reduce: f("paged_decode_reduce")?,
+            prefill,
+            argmax_rows: f("argmax_rows")?,
+            fill_uniform: f("fill_uniform")?,
+            _module: module,
+        })
+    }
+}
+
+/// A device buffer that grows to the largest size asked of it.
+struct Scratch<T> {
+    buf: Option<CudaSlice<T>>,
+}
+
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Scratch<T> {
+    fn new() -> Self {
+        Scratch { buf: None }
+    }
+
+    fn ptr(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<u64, ModelError> {
+        let len = len.max(1);
+        if self.buf.as_ref().is_none_or(|b| b.len() < len) {
+            self.buf = None;
+            let grown = len.next_power_of_two();
+            self.buf = Some(
+                stream
+                    .alloc_zeros::<T>(grown)
+                    .map_err(|e| cuda_err(&format!("allocating {grown} scratch elements"), e))?,
+            );
+        }
+        let buf = self.buf.as_ref().expect("allocated above");
+        Ok(raw_ptr(buf, stream))
+    }
+}
+
+pub(crate) fn raw_ptr<T>(buf: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (ptr, _sync) = buf.device_ptr(stream);
+    ptr
+}
+
+struct Layer {
+    input_norm: CudaSlice<u16>,
+    /// `[q | k | v, hidden]`: the three HF projections stacked.
+    qkv: CudaSlice<u16>,
+    qkv_bias: Option<CudaSlice<u16>>,
+    o: CudaSlice<u16>,
+    post_norm: CudaSlice<u16>,
+    /// `[gate | up, hidden]`.
+    gate_up: CudaSlice<u16>,
+    down: CudaSlice<u16>,
+}
+
+/// K and V of every layer in GPU memory, paged like [`crate::PagedKvCache`]:
+/// `num_blocks * block_size` slots of `[kv_heads, head_dim]` bf16.
+pub struct CudaKvCache {
+    block_size: usize,
+    num_blocks: usize,
+    keys: Vec<CudaSlice<u16>>,
+    values: Vec<CudaSlice<u16>>,
+}
+
+impl CudaKvCache {
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+}
+
+/// How decode attention splits each context: `split_tokens` per block, at most `max_splits`
+/// blocks per sequence, partial results in `part_acc` / `part_ml` (device addresses).
+#[derive(Clone, Copy)]
+struct DecodeSplit {
+    split_tokens: usize,
+    max_splits: usize,
+    part_acc: u64,
+    part_ml: u64,
+}
+
+/// Where a step's attention work goes, built on the host and uploaded in one copy.
+#[derive(Default)]
+struct AttentionPlan {
+    ints: Vec<i32>,
+    decode_items: usize,
+    decode_max_ctx: usize,
+    prefill_tiles: usize,
+    prefill_seqs: usize,
+    // Offsets (in i32s) of each array inside `ints`.
+    positions: usize,
+    slots: usize,
+    tables: usize,
+    item_rows: usize,
+    item_ctx: usize,
+    item_table_off: usize,
+    tile_seq: usize,
+    tile_q0: usize,
+    seq_row0: usize,
+    seq_start: usize,
+    seq_len: usize,
+    seq_table_off: usize,
+    logit_rows: usize,
+    num_logit_rows: usize,
+}
+
+impl AttentionPlan {
+    fn build(batch: &ForwardBatch, slots: &[usize], block_size: usize) -> AttentionPlan {
+        let mut p = AttentionPlan::default();
+        let mut table_off = Vec::new();
+        let mut tables = Vec::new();
+        for s in &batch.sequences {
+            table_off.push(tables.len() as i32);
+            let end = s.start_position + s.tokens.len();
+            tables.extend(
+                s.block_table[..end.div_ceil(block_size)]
+                    .iter()
+                    .map(|&b| b as i32),
+            );
+        }
+        let ints = &mut p.ints;
+        p.positions = ints.len();
+        for s in &batch.sequences {
+            ints.extend((s.start_position..s.start_position + s.tokens.len()).map(|x| x as i32));
+        }
+        p.slots = ints.len();
+        ints.extend(slots.iter().map(|&x| x as i32));
+        p.tables = ints.len();
+        ints.extend(&tables);
+        let mut rows = Vec::with_capacity(batch.sequences.len());
+        let mut row = 0usize;
+        for s in &batch.sequences {
+            rows.push(row);
+            row += s.tokens.len();
+        }
+        let decode: Vec<usize> = (0..batch.sequences.len())
+            .filter(|&i| batch.sequences[i].tokens.len() == 1)
+            .collect();
+        let prefill: Vec<usize> = (0..batch.sequences.len())
+            .filter(|&i| batch.sequences[i].tokens.len() > 1)
+            .collect();
+        p.decode_items = decode.len();
+        p.item_rows = ints.len();
+        ints.extend(decode.iter().map(|&i| rows[i] as i32));
+        p.item_ctx = ints.len();
+        ints.extend(
+            decode
+                .iter()
+                .map(|&i| batch.sequences[i].start_position as i32 + 1),
+        );
+        p.decode_max_ctx = decode
+            .iter()
+            .map(|&i| batch.sequences[i].start_position + 1)
+            .max()
+            .unwrap_or(0);
+        p.item_table_off = ints.len();
+        ints.extend(decode.iter().map(|&i| table_off[i]));
+        p.prefill_seqs = prefill.len();
+        let mut tile_seq = Vec::new();
+        let mut tile_q0 = Vec::new();
+        for (k, &i) in prefill.iter().enumerate() {
+            let len = batch.sequences[i].tokens.len();
+            for q0 in (0..len).step_by(PREFILL_TILE_ROWS) {
+                tile_seq.push(k as i32);
+                tile_q0.push(q0 as i32);
+            }
+        }
+        p.prefill_tiles = tile_seq.len();
+        p.tile_seq = ints.len();
+        ints.extend(&tile_seq);
+        p.tile_q0 = ints.len();
+        ints.extend(&tile_q0);
+        p.seq_row0 = ints.len();
+        ints.extend(prefill.iter().map(|&i| rows[i] as i32));
+        p.seq_start = ints.len();
+        ints.extend(
+            prefill
+                .iter()
+                .map(|&i| batch.sequences[i].start_position as i32),
+        );
+        p.seq_len = ints.len();
+        ints.extend(
+            prefill
+                .iter()
+                .map(|&i| batch.sequences[i].tokens.len() as i32),
+        );
+        p.seq_table_off = ints.len();
+        ints.extend(prefill.iter().map(|&i| table_off[i]));
+        p.logit_rows = ints.len();
+        for (i, s) in batch.sequences.iter().enumerate() {
+            if s.logits {
+                ints.push((rows[i] + s.tokens.len() - 1) as i32);
+            }
+        }
+        p.num_logit_rows = ints.len() - p.logit_rows;
+        p
+    }
+}
+
+/// A Llama-family model on one CUDA GPU.
+pub struct CudaLlama {
+    config: ModelConfig,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    gemm: Gemm,
+    kernels: Kernels,
+    embed: CudaSlice<u16>,
+    /// `None` when tied to `embed`.
+    lm_head: Option<CudaSlice<u16>>,
+    norm: CudaSlice<u16>,
+    layers: Vec<Layer>,
+    inv_freq: CudaSlice<f32>,
+    /// Multiprocessors, for sizing the decode split.
+    sm_count: usize,
+    hidden: Scratch<u16>,
+    normed: Scratch<u16>,
+    qkv_buf: Scratch<u16>,
+    attn: Scratch<u16>,
+    delta: Scratch<u16>,
+    gate_up_buf: Scratch<u16>,
+    act: Scratch<u16>,
+    selected: Scratch<u16>,
+    logits: Scratch<f32>,
+    tokens_out: Scratch<u32>,
+    ints: Scratch<i32>,
+    part_acc: Scratch<f32>,
+    part_ml: Scratch<f32>,
+    /// Rows of logits the last step produced.
+    last_logit_rows: usize,
+}
+
+fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect()
+}
+
+impl CudaLlama {
+    /// Opens GPU `ordinal`, compiles the kernels and creates the stream everything runs on.
+    fn open(config: ModelConfig, ordinal: usize) -> Result<(Self, Arc<CudaStream>), ModelError> {
+        let c = &config;
+        if c.head_dim != 64 && c.head_dim != 128 {
+            return Err(ModelError::Cuda(format!(
+                "head_dim {} is not supported by the CUDA kernels (64 or 128)",
+                c.head_dim
+            )));
+        }
+        let group = c.num_heads / c.num_kv_heads;
+        if !(1..=8).contains(&group) || !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            return Err(ModelError::Cuda(format!(
+                "{} query heads over {} KV heads: the CUDA kernels take groups of 1 to 8",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
+        if !c.hidden_size.is_multiple_of(8) || !c.intermediate_size.is_multiple_of(8) {
+            return Err(ModelError::Cuda(
+                "hidden_size and intermediate_size must be multiples of 8".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the GPU", e))?;
+        // One stream, in-order: cudarc's per-buffer event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating a stream", e))?;
+        let kernels = Kernels::compile(&ctx)?;
+        let gemm = Gemm::new(stream.clone())?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| cuda_err("SM count", e))? as usize;
+        let inv_freq: Vec<f32> = config.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv_freq = stream
+            .clone_htod(&inv_freq)
+            .map_err(|e| cuda_err("upload", e))?;
+        let empty = stream
+            .alloc_zeros::<u16>(1)
+            .map_err(|e| cuda_err("alloc", e))?;
+        let model = CudaLlama {
+            ctx,
+            stream: stream.clone(),
+            gemm,
+            kernels,
+            embed: empty.clone(),
+            lm_head: None,
+            norm: empty,
+            layers: Vec::new(),
+            inv_freq,
+            sm_count,
+            hidden: Scratch::new(),
+            normed: Scratch::new(),
+            qkv_buf: Scratch::new(),
+            attn: Scratch::new(),
+            delta: Scratch::new(),
+            gate_up_buf: Scratch::new(),
+            act: Scratch::new(),
+            selected: Scratch::new(),
+            logits: Scratch::new(),
+            tokens_out: Scratch::new(),
+            ints: Scratch::new(),
+            part_acc: Scratch::new(),
+            part_ml: Scratch::new(),
+            last_logit_rows: 0,
+            config,
+        };
+        Ok((model, stream))
+    }
+
+    /// Loads a HF model folder onto GPU `ordinal` (weights converted to bf16).
+    pub fn load(dir: &Path, ordinal: usize) -> Result<Self, ModelError> {
+        let config = ModelConfig::load(dir)?;
+        let store = WeightStore::open(dir)?;
+        Self::from_store(config, &store, ordinal)
+    }
+
+    pub fn from_store(
+        config: ModelConfig,
+        store: &WeightStore,
+        ordinal: usize,
+    ) -> Result<Self, ModelError> {
+        let (mut model, stream) = Self::open(config.clone(), ordinal)?;
+        let c = &config;
+        let (h, q_dim, kv_dim, inter) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let upload = |parts: &[(String, Vec<usize>)]| -> Result<CudaSlice<u16>, ModelError> {
+            let mut bits = Vec::new();
+            for (name, shape) in parts {
+                bits.extend(bf16_bits(&store.f32(name, shape)?));
+            }
+            stream
+                .clone_htod(&bits)
+                .map_err(|e| cuda_err("uploading weights", e))
+        };
+        let one = |name: String, shape: Vec<usize>| upload(&[(name, shape)]);
+        model.embed = one("model.embed_tokens.weight".into(), vec![c.vocab_size, h])?;
+        model.lm_head = if c.tie_word_embeddings {
+            None
+        } else if store.contains("lm_head.weight") {
+            Some(one("lm_head.weight".into(), vec![c.vocab_size, h])?)
+        } else {
+            return Err(ModelError::MissingTensor {
+                name: "lm_head.weight".into(),
+            });
+        };
+        model.norm = one("model.norm.weight".into(), vec![h])?;
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_bias = if c.qkv_bias {
+                Some(upload(&[
+                    (format!("{p}.self_attn.q_proj.bias"), vec![q_dim]),
+                    (format!("{p}.self_attn.k_proj.bias"), vec![kv_dim]),
+                    (format!("{p}.self_attn.v_proj.bias"), vec![kv_dim]),
+                ])?)
+            } else {
+                None
+            };
+            model.layers.push(Layer {
+                input_norm: one(format!("{p}.input_layernorm.weight"), vec![h])?,
+                qkv: upload(&[
+                    (format!("{p}.self_attn.q_proj.weight"), vec![q_dim, h]),
+                    (format!("{p}.self_attn.k_proj.weight"), vec![kv_dim, h]),
+                    (format!("{p}.self_attn.v_proj.weight"), vec![kv_dim, h]),
+                ])?,
+                qkv_bias,
+                o: one(format!("{p}.self_attn.o_proj.weight"), vec![h, q_dim])?,
+                post_norm: one(format!("{p}.post_attention_layernorm.weight"), vec![h])?,
+                gate_up: upload(&[
+                    (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                    (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                ])?,
+                down: one(format!("{p}.mlp.down_proj.weight"), vec![h, inter])?,
+            });
+        }
+        Ok(model)
+    }
+
+    /// A model of `config`'s shape with uniform random bf16 weights made on the GPU (for speed
+    /// measurements: no file, no upload). Norm weights are 1.
+    pub fn random(config: ModelConfig, ordinal: usize, seed: u32) -> Result<Self, ModelError> {
+        let (mut model, _) = Self::open(config.clone(), ordinal)?;
+        let c = &config;
+        let (h, q_dim, kv_dim, inter) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let mut counter = seed.wrapping_mul(1000);
+        let mut rand = |m: &CudaLlama, len: usize, fan_in: usize| {
+            counter = counter.wrapping_add(1);
+            m.random_buffer(len, counter, 1.0 / (fan_in as f32).sqrt())
+        };
+        let ones = |m: &CudaLlama, len: usize| {
+            m.stream
+                .clone_htod(&vec![half::bf16::ONE.to_bits(); len])
+                .map_err(|e| cuda_err("upload", e))
+        };
+        model.embed = rand(&model, c.vocab_size * h, h)?;
+        model.lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(rand(&model, c.vocab_size * h, h)?)
+        };
+        model.norm = ones(&model, h)?;
+        for _ in 0..c.num_layers {
+            let layer = Layer {
+                input_norm: ones(&model, h)?,
+                qkv: rand(&model, (q_dim + 2 * kv_dim) * h, h)?,
+                qkv_bias: if c.qkv_bias {
+                    Some(rand(&model, q_dim + 2 * kv_dim, h)?)
+                } else {
+                    None
+                },
+                o: rand(&model, h * q_dim, q_dim)?,
+                post_norm: ones(&model, h)?,
+                gate_up: rand(&model, 2 * inter * h, h)?,
+                down: rand(&model, h * inter, inter)?,
+            };
+            model.layers.push(layer);
+        }
+        model.synchronize()?;
+        Ok(model)
+    }
+
+    fn random_buffer(
+        &self,
+        len: usize,
+        seed: u32,
+        bound: f32,
+    ) -> Result<CudaSlice<u16>, ModelError> {
+        let buf = self
+            .stream
+            .alloc_zeros::<u16>(len)
+            .map_err(|e| cuda_err(&format!("allocating {len} weights"), e))?;
+        let ptr = raw_ptr(&buf, &self.stream);
+        self.launch(
+            &self.kernels.fill_uniform,
+            (4 * self.sm_count as u32, 1, 1),
+            256,
+            &[Ptr(ptr), Arg::U64(len as u64), Arg::U32(seed), F32(bound)],
+            "fill_uniform",
+        )?;
+        Ok(buf)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn gemm(&self) -> &Gemm {
+        &self.gemm
+    }
+
+    /// Bytes of K and V one token takes, all layers.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (2 * self.config.num_layers * self.config.num_kv_heads * self.config.head_dim * 2) as u64
+    }
+
+    /// Free and total GPU memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize), ModelError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| cuda_err("memory info", e))
+    }
+
+    pub fn new_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<CudaKvCache, ModelError> {
+        let c = &self.config;
+        let len = num_blocks * block_size * c.num_kv_heads * c.head_dim;
+        let alloc = || {
+            self.stream.alloc_zeros::<u16>(len).map_err(|e| {
+                ModelError::Cuda(format!(
+                    "cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens \
+                     ({} MiB per layer): {e:?}; lower the KV memory fraction or block count",
+                    len * 4 / (1 << 20)
+                ))
+            })
+        };
+        let mut keys = Vec::with_capacity(c.num_layers);
+        let mut values = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            keys.push(alloc()?);
+            values.push(alloc()?);
+        }
+        Ok(CudaKvCache {
+            block_size,
+            num_blocks,
+            keys,
+            values,
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<(), ModelError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("stream synchronize", e))
+    }
+
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+        what: &str,
+    ) -> Result<(), ModelError> {
+        self.launch_smem(f, grid, block, 0, args, what)
+    }
+
+    fn launch_smem(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_mem_bytes: u32,
+        args: &[Arg],
+        what: &str,
+    ) -> Result<(), ModelError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        // Each argument in its own 8-byte slot (little-endian: a 4-byte value sits at the
+        // slot's start), and the driver gets a pointer to each slot.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(v) | Arg::U64(v) => v,
+                Arg::I32(v) => u64::from(v as u32),
+                Arg::U32(v) => u64::from(v),
+                Arg::F32(v) => u64::from(v.to_bits()),
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: the argument list matches the kernel's signature in kernels.cu (checked by the
+        // device tests); the slots outlive the call, which copies them.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                shared_mem_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| cuda_err(what, e))
+    }
+
+    /// Runs one step on the GPU: writes the batch's K and V into `cache` and leaves the logits
+    /// of the sequences with `logits` set (batch order) on the device, for
+    /// [`CudaLlama::logits_to_host`] or [`CudaLlama::greedy_tokens`]. Returns without waiting
+    /// for the GPU.
+    pub fn forward(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &mut CudaKvCache,
+    ) -> Result<(), ModelError> {
+        let c = self.config.clone();
+        if cache.keys.len() != c.num_layers {
+            return Err(ModelError::Batch(
+                "the KV cache was made for another model".into(),
+            ));
+        }
+        let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
+        if let Some(&bad) = batch
+            .sequences
+            .iter()
+            .flat_map(|s| s.tokens.iter())
+            .find(|&&t| t as usize >= c.vocab_size)
+        {
+            return Err(ModelError::Batch(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let n = slots.len();
+        self.last_logit_rows = 0;
+        if n == 0 {
+            return Ok(());
+        }
+        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let qkv_width = (heads + 2 * kv_heads) * d;
+        let inter = c.intermediate_size;
+        let stream = self.stream.clone();
+        let tokens: Vec<u32> = batch
+            .sequences
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+
+        let ints = self.ints.ptr(&stream, plan.ints.len() + tokens.len())?;
+        let mut host_ints = plan.ints.clone();
+        let token_off = host_ints.len();
+        host_ints.extend(tokens.iter().map(|&t| t as i32));
+        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &host_ints, stream.cu_stream()) }
+            .map_err(|e| cuda_err("uploading the step's indices", e))?;
+        // From pageable memory the driver stages the copy before returning (after the stream's
+        // earlier work), so `host_ints` may drop right away.
+        let at = |off: usize| ints + 4 * off as u64;
+
+        let x = self.hidden.ptr(&stream, n * h)?;
+        let normed = self.normed.ptr(&stream, n * h)?;
+        let qkv = self.qkv_buf.ptr(&stream, n * qkv_width)?;
+        let attn = self.attn.ptr(&stream, n * heads * d)?;
+        let delta = self.delta.ptr(&stream, n * h)?;
+        let gate_up = self.gate_up_buf.ptr(&stream, n * 2 * inter)?;
+        let act = self.act.ptr(&stream, n * inter)?;
+        let split = self.decode_split(&plan)?;
+        let embed = raw_ptr(&self.embed, &stream);
+        let hidden_i = h as i32;
+        let eps = c.rms_norm_eps as f32;
+        let null: u64 = 0;
+
+        self.launch(
+            &self.kernels.gather_rows,
+            (n as u32, 1, 1),
+            128,
+            &[Ptr(x), Ptr(embed), Ptr(at(token_off)), I32(hidden_i)],
+            "gather_rows (embedding)",
+        )?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let norm_w = raw_ptr(&layer.input_norm, &stream);
+            // The residual add of the previous layer's MLP, then this layer's input norm.
+            let add = if l == 0 { null } else { delta };
+            self.launch(
+                &self.kernels.add_rms_norm,
+                (n as u32, 1, 1),
+                256,
+                &[
+                    Ptr(normed),
+                    Ptr(x),
+                    Ptr(add),
+                    Ptr(norm_w),
+                    I32(hidden_i),
+                    F32(eps),
+                ],
+                "add_rms_norm",
+            )?;
+            self.gemm.bf16(
+                qkv,
+                normed,
+                raw_ptr(&layer.qkv, &stream),
+                n,
+                h,
+                qkv_width,
+                false,
+            )?;
+            let bias = layer.qkv_bias.as_ref().map_or(0, |b| raw_ptr(b, &stream));
+            let (kc, vc) = (
+                raw_ptr(&cache.keys[l], &stream),
+                raw_ptr(&cache.values[l], &stream),
+            );
+            let inv_freq = raw_ptr(&self.inv_freq, &stream);
+            let (heads_i, kv_i, d_i) = (heads as i32, kv_heads as i32, d as i32);
+            let at = |off: usize| ints + 4 * off as u64;
+            self.launch(
+                &self.kernels.rope_write_kv,
+                (n as u32, 1, 1),
+                128,
+                &[
+                    Ptr(qkv),
+                    Ptr(bias),
+                    Ptr(at(plan.positions)),
+                    Ptr(at(plan.slots)),
+                    Ptr(inv_freq),
+                    Ptr(kc),
+                    Ptr(vc),
+                    I32(heads_i),
+                    I32(kv_i),
+                    I32(d_i),
+                ],
+                "rope_write_kv",
+            )?;
+            self.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split)?;
+            self.gemm.bf16(
+                delta,
+                attn,
+                raw_ptr(&layer.o, &stream),
+                n,
+                heads * d,
+                h,
+                false,
+            )?;
+            let post = raw_ptr(&layer.post_norm, &stream);
+            self.launch(
+                &self.kernels.add_rms_norm,
+                (n as u32, 1, 1),
+                256,
+                &[
+                    Ptr(normed),
+                    Ptr(x),
+                    Ptr(delta),
+                    Ptr(post),
+                    I32(hidden_i),
+                    F32(eps),
+                ],
+                "add_rms_norm",
+            )?;
+            self.gemm.bf16(
+                gate_up,
+                normed,
+                raw_ptr(&layer.gate_up, &stream),
+                n,
+                h,
+                2 * inter,
+                false,
+            )?;
+            let (n_i, inter_i) = (n as i32, inter as i32);
+            let blocks = ((n * inter).div_ceil(256) as u32).min(8 * self.sm_count as u32);
+            self.launch(
+                &self.kernels.silu_mul,
+                (blocks, 1, 1),
+                256,
+                &[Ptr(act), Ptr(gate_up), I32(n_i), I32(inter_i)],
+                "silu_mul",
+            )?;
+            self.gemm.bf16(
+                delta,
+                act,
+                raw_ptr(&layer.down, &stream),
+                n,
+                inter,
+                h,
+                false,
+            )?;
+        }
+        // Last residual add and the final norm, then the rows that want logits.
+        let final_norm = raw_ptr(&self.norm, &stream);
+        self.launch(
+            &self.kernels.add_rms_norm,
+            (n as u32, 1, 1),
+            256,
+            &[
+                Ptr(normed),
+                Ptr(x),
+                Ptr(delta),
+                Ptr(final_norm),
+                I32(hidden_i),
+                F32(eps),
+            ],
+            "add_rms_norm (final)",
+        )?;
+        let rows = plan.num_logit_rows;
+        if rows > 0 {
+            let selected = self.selected.ptr(&stream, rows * h)?;
+            self.launch(
+                &self.kernels.gather_rows,
+                (rows as u32, 1, 1),
+                128,
+                &[
+                    Ptr(selected),
+                    Ptr(normed),
+                    Ptr(at(plan.logit_rows)),
+                    I32(hidden_i),
+                ],
+                "gather_rows (logit rows)",
+            )?;
+            let logits = self.logits.ptr(&stream, rows * c.vocab_size)?;
+            let head = raw_ptr(self.lm_head.as_ref().unwrap_or(&self.embed), &stream);
+            self.gemm
+                .bf16(logits, selected, head, rows, h, c.vocab_size, true)?;
+        }
+        self.last_logit_rows = rows;
+        Ok(())
+    }
+
+    /// The decode split over the context (tokens per split, splits at most) for enough blocks
+    /// to fill the GPU, and the scratch for the splits' partial results.
+    fn decode_split(&mut self, plan: &AttentionPlan) -> Result<DecodeSplit, ModelError> {
+        let c = &self.config;
+        let (split_tokens, max_splits) = if plan.decode_items > 0 {
+            let blocks = plan.decode_items * c.num_kv_heads;
+            let want_splits = (4 * self.sm_count).div_ceil(blocks).max(1);
+            let split = plan
+                .decode_max_ctx
+                .div_ceil(want_splits)
+                .max(256)
+                .next_multiple_of(64);
+            (split, plan.decode_max_ctx.div_ceil(split))
+        } else {
+            (256, 1)
+        };
+        let stream = self.stream.clone();
+        let entries = plan.decode_items * c.num_heads * max_splits;
+        let part_acc = self.part_acc.ptr(&stream, entries * c.head_dim)?;
+        let part_ml = self.part_ml.ptr(&stream, entries * 2)?;
+        Ok(DecodeSplit {
+            split_tokens,
+            max_splits,
+            part_acc,
+            part_ml,
+        })
+    }
+
+    /// One layer's attention for the step in `plan` (indices at `ints` on the device): decode
+    /// items through the split decode kernel (and its reduction), prefill chunks through the
+    /// tensor-core kernel. Reads q from `qkv`, K and V from the cache; writes `attn`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        plan: &AttentionPlan,
+        ints: u64,
+        qkv: u64,
+        attn: u64,
+        kc: u64,
+        vc: u64,
+        block_size: usize,
+        split: &DecodeSplit,
+    ) -> Result<(), ModelError> {
+        let DecodeSplit {
+            split_tokens,
+            max_splits,
+            part_acc,
+            part_ml,
+        } = *split;
+        let c = &self.config;
+        let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (heads_i, kv_i, d_i) = (heads as i32, kv_heads as i32, d as i32);
+        let bs_i = block_size as i32;
+        let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        let at = |off: usize| ints + 4 * off as u64;
+        if plan.decode_items > 0 {
+            let f = &self.kernels.decode[&(heads / kv_heads, d)];
+            let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
+            self.launch(
+                f,
+                (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
+                128,
+                &[
+                    Ptr(attn),
+                    Ptr(part_acc),
+                    Ptr(part_ml),
+                    Ptr(qkv),
+                    Ptr(kc),
+                    Ptr(vc),
+                    Ptr(at(plan.tables)),
+                    Ptr(at(plan.item_rows)),
+                    Ptr(at(plan.item_ctx)),
+                    Ptr(at(plan.item_table_off)),
+                    I32(kv_i),
+                    I32(bs_i),
+                    I32(split_i),
+                    I32(max_splits_i),
+                    F32(scale_log2),
+                ],
+                "paged decode attention",
+            )?;
+            if max_splits > 1 {
+                self.launch(
+                    &self.kernels.decode_reduce,
+                    (plan.decode_items as u32, heads as u32, 1),
+                    d as u32,
+                    &[
+                        Ptr(attn),
+                        Ptr(part_acc),
+                        Ptr(part_ml),
+                        Ptr(at(plan.item_rows)),
+                        Ptr(at(plan.item_ctx)),
+                        I32(heads_i),
+                        I32(d_i),
+                        I32(split_i),
+                        I32(max_splits_i),
+                    ],
+                    "paged decode reduce",
+                )?;
+            }
+        }
+        if plan.prefill_tiles > 0 {
+            self.launch_smem(
+                &self.kernels.prefill[&d],
+                (plan.prefill_tiles as u32, heads as u32, 1),
+                128,
+                prefill_smem_bytes(d) as u32,
+                &[
+                    Ptr(attn),
+                    Ptr(qkv),
+                    Ptr(kc),
+                    Ptr(vc),
+                    Ptr(at(plan.tables)),
+                    Ptr(at(plan.tile_seq)),
+                    Ptr(at(plan.tile_q0)),
+                    Ptr(at(plan.seq_row0)),
+                    Ptr(at(plan.seq_start)),
+                    Ptr(at(plan.seq_len)),
+                    Ptr(at(plan.seq_table_off)),
+                    I32(heads_i),
+                    I32(kv_i),
+                    I32(bs_i),
+                    F32(scale_log2),
+                ],
+                "paged prefill attention",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Seconds one layer's attention takes for `batch` (its K and V already in `cache`; q is
+    /// whatever the scratch holds), averaged over `repeats` launches timed by CUDA events.
+    pub fn time_attention(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        repeats: usize,
+    ) -> Result<f64, ModelError> {
+        let c = self.config.clone();
+        let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
+        let n = slots.len();
+        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
+        let stream = self.stream.clone();
+        let ints = self.ints.ptr(&stream, plan.ints.len())?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
+            .map_err(|e| cuda_err("upload", e))?;
+        let qkv = self
+            .qkv_buf
+            .ptr(&stream, n * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)?;
+        let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
+        let split = self.decode_split(&plan)?;
+        let (kc, vc) = (
+            raw_ptr(&cache.keys[0], &stream),
+            raw_ptr(&cache.values[0], &stream),
+        );
+        let run = |m: &Self| m.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split);
+        run(self)?;
+        self.time(repeats, |m| run(m))
+    }
+
+    /// Mean seconds of `f` over `repeats` runs on the stream, timed by CUDA events.
+    pub fn time(
+        &self,
+        repeats: usize,
+        mut f: impl FnMut(&Self) -> Result<(), ModelError>,
+    ) -> Result<f64, ModelError> {
+        let start = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        let end = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        start
+            .record(&self.stream)
+            .map_err(|e| cuda_err("event", e))?;
+        for _ in 0..repeats.max(1) {
+            f(self)?;
+        }
+        end.record(&self.stream).map_err(|e| cuda_err("event", e))?;
+        end.synchronize().map_err(|e| cuda_err("event", e))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| cuda_err("event", e))?;
+        Ok(f64::from(ms) / 1e3 / repeats.max(1) as f64)
+    }
+
+    /// The last step's logits, one row per sequence that asked for them (waits for the GPU).
+    pub fn logits_to_host(&mut self) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rows = self.last_logit_rows;
+        let vocab = self.config.vocab_size;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let buf = self.logits.buf.as_ref().expect("a step with logits ran");
+        let mut host = vec![0f32; rows * vocab];
+        self.stream
+            .memcpy_dtoh(&buf.slice(..rows * vocab), &mut host)
+            .map_err(|e| cuda_err("copying logits", e))?;
+        self.synchronize()?;
+        Ok(host.chunks(vocab).map(|r| r.to_vec()).collect())
+    }
+
+    /// Argmax of each of the last step's logit rows, computed on the GPU (waits for it).
+    pub fn greedy_tokens(&mut self) -> Result<Vec<u32>, ModelError> {
+        let rows = self.last_logit_rows;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = self.stream.clone();
+        let out = self.tokens_out.ptr(&stream, rows)?;
+        let logits = raw_ptr(self.logits.buf.as_ref().expect("a step ran"), &stream);
+        let vocab_i = self.config.vocab_size as i32;
+        self.launch(
+            &self.kernels.argmax_rows,
+            (rows as u32, 1, 1),
+            1024,
+            &[Ptr(out), Ptr(logits), I32(vocab_i)],
+            "argmax_rows",
+        )?;
+        let buf = self.tokens_out.buf.as_ref().expect("allocated above");
+        let mut host = vec![0u32; rows];
+        self.stream
+            .memcpy_dtoh(&buf.slice(..rows), &mut host)
+            .map_err(|e| cuda_err("copying tokens", e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+}
+
+/// A kernel argument: a device pointer (possibly offset into a buffer) or a scalar.
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+use Arg::{Ptr, F32, I32};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::SequenceChunk;
+
+    fn seq(tokens: usize, start: usize, table: Vec<u32>, logits: bool) -> SequenceChunk {
+        SequenceChunk {
+            tokens: vec![5; tokens],
+            start_position: start,
+            block_table: table,
+            logits,
+        }
+    }
+
+    /// Decode tokens go to the decode kernel, chunks of two or more tokens to 64-row prefill
+    /// tiles; rows, positions, slots and tables line up with the batch.
+    #[test]
+    fn attention_plan_routes_decode_and_prefill() {
+        let batch = ForwardBatch {
+            sequences: vec![
+                seq(1, 20, vec![3, 1], true), // decode at position 20, ctx 21
+                seq(130, 0, vec![0, 2, 4, 5, 6, 7, 8, 9, 10], true), // 3 tiles
+                seq(2, 16, vec![11, 12], false), // prefill chunk of 2 after 16 cached
+            ],
+        };
+        let bs = 16;
+        let slots = plan_slots(&test_config(), &batch, bs, 64).expect("valid batch");
+        let p = AttentionPlan::build(&batch, &slots, bs);
+        assert_eq!(p.decode_items, 1);
+        assert_eq!(p.decode_max_ctx, 21);
+        assert_eq!(p.ints[p.item_rows], 0);
+        assert_eq!(p.ints[p.item_ctx], 21);
+        assert_eq!(p.prefill_seqs, 2);
+        assert_eq!(p.prefill_tiles, 3 + 1);
+        assert_eq!(&p.ints[p.tile_seq..p.tile_seq + 4], &[0, 0, 0, 1]);
+        assert_eq!(&p.ints[p.tile_q0..p.tile_q0 + 4], &[0, 64, 128, 0]);
+        assert_eq!(&p.ints[p.seq_row0..p.seq_row0 + 2], &[1, 131]);
+        assert_eq!(&p.ints[p.seq_start..p.seq_start + 2], &[0, 16]);
+        assert_eq!(&p.ints[p.seq_len..p.seq_len + 2], &[130, 2]);
+        // Tables are trimmed to the blocks each sequence uses, laid end to end.
+        let offs = [
+            p.ints[p.item_table_off],
+            p.ints[p.seq_table_off],
+            p.ints[p.seq_table_off + 1],
+        ];
+        assert_eq!(offs, [0, 2, 2 + 9]);
+        assert_eq!(&p.ints[p.tables..p.tables + 2], &[3, 1]);
+        // Decode token at position 20 -> block 1 of its table (physical 1), offset 4.
+        assert_eq!(p.ints[p.slots], 16 + 4);
+        assert_eq!(p.ints[p.positions + 1 + 130], 16);
+        // Logit rows: last token of sequences 0 and 1.
+        assert_eq!(p.num_logit_rows, 2);
+        assert_eq!(&p.ints[p.logit_rows..p.logit_rows + 2], &[0, 130]);
+    }
+
+    fn test_config() -> ModelConfig {
+        ModelConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 128,
+            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}"#,
+            Path::new("test"),
+        )
+        .expect("valid config")
+    }
+
+    /// Compiles the kernels with NVRTC (no GPU needed). Opt-in, as NVRTC is not on CI:
+    /// `BLENDSERVE_NVRTC_TEST=1 LD_LIBRARY_PATH=<dir of libnvrtc.so> cargo test -p model
+    /// --features cuda`.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        if std::env::var_os("BLENDSERVE_NVRTC_TEST").is_none() {
+            return;
+        }
+        for (major, minor) in [(8, 0), (9, 0)] {
+            let ptx = super::compile_kernels(major, minor).unwrap_or_else(|e| panic!("{e}"));
+            let text = ptx.to_src();
+            for kernel in ["paged_decode_g4_d128", "paged_prefill_d128", "add_rms_norm"] {
+                assert!(text.contains(kernel), "{kernel} missing from the PTX");
+            }
+            if let Some(dir) = std::env::var_os("BLENDSERVE_PTX_DIR") {
+                let path = std::path::Path::new(&dir).join(format!("kernels_sm{major}{minor}.ptx"));
+                std::fs::write(path, text).expect("writing the PTX");
+            }
+        }
+    }
+}

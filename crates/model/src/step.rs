@@ -1,0 +1,158 @@
+//! [`StepModel`]: a model with its paged KV cache, run one step at a time. The engine drives any
+//! implementation: burn on any backend ([`BurnStepModel`]) or the CUDA fast path.
+
+use burn::tensor::backend::Backend;
+
+use crate::config::ModelConfig;
+use crate::forward::{logits_rows, ForwardBatch, LlamaModel, PagedKvCache};
+use crate::ModelError;
+
+pub trait StepModel {
+    fn config(&self) -> &ModelConfig;
+
+    /// Bytes of K and V one token takes in this model's cache (all layers).
+    fn kv_bytes_per_token(&self) -> u64;
+
+    /// Allocates the paged cache (`num_blocks` x `block_size` tokens), replacing any other.
+    fn allocate_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<(), ModelError>;
+
+    /// Runs one step and returns the logits of the sequences that asked for them, batch order.
+    fn step_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError>;
+
+    /// Runs one step and returns the argmax token (ties to the lowest id) of each sequence that
+    /// asked for logits. Implementations may do it without copying the logits off the device.
+    fn step_greedy(&mut self, batch: &ForwardBatch) -> Result<Vec<u32>, ModelError> {
+        Ok(self
+            .step_logits(batch)?
+            .iter()
+            .map(|row| argmax(row))
+            .collect())
+    }
+}
+
+/// Index of the largest value, the first one on ties.
+pub fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 {
+                (i, l)
+            } else {
+                best
+            }
+        })
+        .0 as u32
+}
+
+fn no_cache() -> ModelError {
+    ModelError::Batch("no KV cache: call allocate_cache first".into())
+}
+
+/// A burn model and its cache.
+pub struct BurnStepModel<B: Backend> {
+    model: LlamaModel<B>,
+    cache: Option<PagedKvCache<B>>,
+}
+
+impl<B: Backend> BurnStepModel<B> {
+    pub fn new(model: LlamaModel<B>) -> Self {
+        BurnStepModel { model, cache: None }
+    }
+
+    pub fn model(&self) -> &LlamaModel<B> {
+        &self.model
+    }
+}
+
+impl<B: Backend> StepModel for BurnStepModel<B> {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        let c = self.model.config();
+        (2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<B::FloatElem>())
+            as u64
+    }
+
+    fn allocate_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        self.cache = None;
+        self.cache = Some(PagedKvCache::new(
+            self.model.config(),
+            num_blocks,
+            block_size,
+            self.model.device(),
+        ));
+        Ok(())
+    }
+
+    fn step_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        let cache = self.cache.as_mut().ok_or_else(no_cache)?;
+        Ok(logits_rows(self.model.forward(batch, cache)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda_step::CudaStepModel;
+
+#[cfg(feature = "cuda")]
+mod cuda_step {
+    use super::*;
+    use crate::cuda::{CudaKvCache, CudaLlama};
+
+    /// The CUDA fast path and its cache.
+    pub struct CudaStepModel {
+        model: CudaLlama,
+        cache: Option<CudaKvCache>,
+    }
+
+    impl CudaStepModel {
+        pub fn new(model: CudaLlama) -> Self {
+            CudaStepModel { model, cache: None }
+        }
+
+        pub fn model(&self) -> &CudaLlama {
+            &self.model
+        }
+
+        pub fn model_mut(&mut self) -> &mut CudaLlama {
+            &mut self.model
+        }
+
+        /// Runs one step without waiting for the GPU or reading anything back (benchmarks).
+        pub fn step_async(&mut self, batch: &ForwardBatch) -> Result<(), ModelError> {
+            let cache = self.cache.as_mut().ok_or_else(no_cache)?;
+            self.model.forward(batch, cache)
+        }
+    }
+
+    impl StepModel for CudaStepModel {
+        fn config(&self) -> &ModelConfig {
+            self.model.config()
+        }
+
+        fn kv_bytes_per_token(&self) -> u64 {
+            self.model.kv_bytes_per_token()
+        }
+
+        fn allocate_cache(
+            &mut self,
+            num_blocks: usize,
+            block_size: usize,
+        ) -> Result<(), ModelError> {
+            self.cache = None;
+            self.cache = Some(self.model.new_cache(num_blocks, block_size)?);
+            Ok(())
+        }
+
+        fn step_logits(&mut self, batch: &ForwardBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+            self.step_async(batch)?;
+            self.model.logits_to_host()
+        }
+
+        fn step_greedy(&mut self, batch: &ForwardBatch) -> Result<Vec<u32>, ModelError> {
+            self.step_async(batch)?;
+            self.model.greedy_tokens()
+        }
+    }
+}
