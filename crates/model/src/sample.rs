@@ -45,21 +45,8 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| {
-                    if l > best.1 {
-                        (i, l)
-                    } else {
-                        best
-                    }
-                })
-                .0 as u32
-        };
-        if self.params.temperature <= 0.0 || self.params.top_k == 1 {
-            return argmax();
+        if self.is_greedy() {
+            return crate::step::argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut candidates: Vec<(u32, f64)> = logits
@@ -96,7 +83,9 @@ impl Sampler {
             }
             x -= weight;
         }
-        candidates.last().map_or_else(argmax, |c| c.0)
+        candidates
+            .last()
+            .map_or_else(|| crate::step::argmax(logits), |c| c.0)
     }
 }
 
