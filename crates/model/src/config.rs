@@ -209,6 +209,22 @@ impl ModelConfig {
         })
     }
 
+    /// Bytes of K and V one token takes in a cache of `bytes_per_element` elements, all layers.
+    pub fn kv_bytes_per_token(&self, bytes_per_element: usize) -> u64 {
+        (2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element) as u64
+    }
+
+    /// Refuses token ids outside the vocabulary (the embedding lookup would read past it).
+    pub fn check_token_ids(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(&bad) => Err(ModelError::Batch(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// RoPE inverse frequencies, one per pair of dimensions, with Llama 3 scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;

@@ -385,15 +385,7 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor<B, 2>, ModelError> {
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size)
-        {
-            return Err(ModelError::Batch(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.config.vocab_size
-            )));
-        }
+        self.config.check_token_ids(tokens)?;
         let ids = int_tensor::<B>(tokens.iter().map(|&t| i64::from(t)).collect(), &self.device);
         Ok(self.embed.clone().select(0, ids))
     }

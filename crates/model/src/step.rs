@@ -70,9 +70,9 @@ impl<B: Backend> StepModel for BurnStepModel<B> {
     }
 
     fn kv_bytes_per_token(&self) -> u64 {
-        let c = self.model.config();
-        (2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<B::FloatElem>())
-            as u64
+        self.model
+            .config()
+            .kv_bytes_per_token(std::mem::size_of::<B::FloatElem>())
     }
 
     fn allocate_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<(), ModelError> {

@@ -206,6 +206,7 @@ struct AttentionPlan {
     prefill_tiles: usize,
     prefill_seqs: usize,
     // Offsets (in i32s) of each array inside `ints`.
+    tokens: usize,
     positions: usize,
     slots: usize,
     tables: usize,
@@ -237,6 +238,10 @@ impl AttentionPlan {
             );
         }
         let ints = &mut p.ints;
+        p.tokens = ints.len();
+        for s in &batch.sequences {
+            ints.extend(s.tokens.iter().map(|&t| t as i32));
+        }
         p.positions = ints.len();
         for s in &batch.sequences {
             ints.extend((s.start_position..s.start_position + s.tokens.len()).map(|x| x as i32));
@@ -585,7 +590,7 @@ impl CudaLlama {
 
     /// Bytes of K and V one token takes, all layers.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        (2 * self.config.num_layers * self.config.num_kv_heads * self.config.head_dim * 2) as u64
+        self.config.kv_bytes_per_token(2)
     }
 
     /// Free and total GPU memory in bytes.
@@ -700,16 +705,8 @@ impl CudaLlama {
             ));
         }
         let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
-        if let Some(&bad) = batch
-            .sequences
-            .iter()
-            .flat_map(|s| s.tokens.iter())
-            .find(|&&t| t as usize >= c.vocab_size)
-        {
-            return Err(ModelError::Batch(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
+        for s in &batch.sequences {
+            c.check_token_ids(&s.tokens)?;
         }
         let n = slots.len();
         self.last_logit_rows = 0;
@@ -722,20 +719,11 @@ impl CudaLlama {
         let qkv_width = (heads + 2 * kv_heads) * d;
         let inter = c.intermediate_size;
         let stream = self.stream.clone();
-        let tokens: Vec<u32> = batch
-            .sequences
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-
-        let ints = self.ints.ptr(&stream, plan.ints.len() + tokens.len())?;
-        let mut host_ints = plan.ints.clone();
-        let token_off = host_ints.len();
-        host_ints.extend(tokens.iter().map(|&t| t as i32));
-        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &host_ints, stream.cu_stream()) }
+        let ints = self.ints.ptr(&stream, plan.ints.len())?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
             .map_err(|e| cuda_err("uploading the step's indices", e))?;
         // From pageable memory the driver stages the copy before returning (after the stream's
-        // earlier work), so `host_ints` may drop right away.
+        // earlier work), so `plan` may drop right away.
         let at = |off: usize| ints + 4 * off as u64;
 
         let x = self.hidden.ptr(&stream, n * h)?;
@@ -755,7 +743,7 @@ impl CudaLlama {
             &self.kernels.gather_rows,
             (n as u32, 1, 1),
             128,
-            &[Ptr(x), Ptr(embed), Ptr(at(token_off)), I32(hidden_i)],
+            &[Ptr(x), Ptr(embed), Ptr(at(plan.tokens)), I32(hidden_i)],
             "gather_rows (embedding)",
         )?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -792,7 +780,6 @@ impl CudaLlama {
             );
             let inv_freq = raw_ptr(&self.inv_freq, &stream);
             let (heads_i, kv_i, d_i) = (heads as i32, kv_heads as i32, d as i32);
-            let at = |off: usize| ints + 4 * off as u64;
             self.launch(
                 &self.kernels.rope_write_kv,
                 (n as u32, 1, 1),
@@ -1194,6 +1181,7 @@ mod tests {
         assert_eq!(&p.ints[p.tables..p.tables + 2], &[3, 1]);
         // Decode token at position 20 -> block 1 of its table (physical 1), offset 4.
         assert_eq!(p.ints[p.slots], 16 + 4);
+        assert_eq!(p.positions - p.tokens, 1 + 130 + 2);
         assert_eq!(p.ints[p.positions + 1 + 130], 16);
         // Logit rows: last token of sequences 0 and 1.
         assert_eq!(p.num_logit_rows, 2);
