@@ -1,6 +1,10 @@
 //! `blendserve`: offline batch inference, and the simulator that plans it.
 
 mod args;
+mod batch_file;
+mod chat_template;
+mod demo;
+mod run_cmd;
 mod sim_cmd;
 mod table;
 
@@ -22,6 +26,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// Run a batch (OpenAI Batch JSONL, or a workload) through the model: every answer out.
+    Run(run_cmd::RunArgs),
     /// Simulate policies on a workload with the calibrated performance model.
     Sim(sim_cmd::SimArgs),
     /// Generate a workload (trace mix + synthetic prefix sharing) as native JSONL.
@@ -39,6 +45,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run(args) => run_cmd::run(&args),
         Command::Sim(args) => sim_cmd::run_sim(&args),
         Command::Generate(args) => sim_cmd::run_generate(&args),
         Command::Inspect(args) => sim_cmd::run_inspect(&args),

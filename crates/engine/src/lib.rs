@@ -3,21 +3,24 @@
 //! step.
 //!
 //! Owns: turning each step's plan into a mixed forward batch over the paged cache (token ids,
-//! positions, the KV manager's block tables), sampling, stop criteria, and collecting finished
-//! generations. Preempted sequences are recomputed from their prompt and generated tokens, mostly
-//! from the prefix cache.
+//! positions, the KV manager's block tables), sampling, stop criteria, the sample run behind
+//! BlendServe's output-length estimates, and reporting steps and finished generations to an
+//! [`Observer`]. Preempted sequences are recomputed from their prompt and generated tokens,
+//! mostly from the prefix cache.
 //!
 //! Must not touch: scheduling decisions (the scheduler's), request files and the CLI (the
 //! `blendserve` binary's), GPU kernels (the model's).
 
-use kv_cache::{KvCacheConfig, SeqId};
+use std::time::Instant;
+
+use kv_cache::{KvCacheConfig, KvUsage, SeqId};
 use model::{
     ForwardBatch, ModelError, Sampler, SamplingParams, SequenceChunk, StepModel, StopCriteria,
     StopReason,
 };
 use scheduler::{
-    FinishReason, PolicyInput, PolicyKind, Preparation, RequestEstimates, Scheduler,
-    SchedulerConfig, SchedulerError,
+    FinishReason, LengthKnowledge, PolicyInput, PolicyKind, Preparation, RequestEstimates,
+    Scheduler, SchedulerConfig, SchedulerError, SchedulerStats,
 };
 use workload::{Chunk, Request, Workload};
 
@@ -27,10 +30,13 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
-    #[error("request {index}: {message}")]
-    Request { index: usize, message: String },
     #[error("the engine stalled: {0} requests unfinished but nothing could be scheduled")]
     Stalled(usize),
+    #[error("known output lengths were asked for, but request {0} has none")]
+    UnknownLength(usize),
+    /// The observer failed (writing results); the run stops so that nothing more is lost.
+    #[error("handing out results: {0}")]
+    Observer(#[source] std::io::Error),
 }
 
 /// One request to generate for: its prompt token ids and how to sample and stop.
@@ -39,13 +45,37 @@ pub struct GenerationRequest {
     pub id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Stop tokens and `max_tokens` (the limit the scheduler sees).
     pub stop: StopCriteria,
+    /// Replaying a trace: the generation ends after this many tokens, as if the model had
+    /// produced EOS there. The scheduler does not see it (unless lengths are
+    /// [`LengthKnowledge::Known`]).
+    pub trace_output_tokens: Option<u32>,
+}
+
+impl GenerationRequest {
+    fn check(&self, token: u32, generated: u32) -> Option<GenerationEnd> {
+        if let Some(reason) = self.stop.check(token, generated) {
+            return Some(GenerationEnd::Stop(reason));
+        }
+        (self.trace_output_tokens == Some(generated)).then_some(GenerationEnd::TraceLength)
+    }
+
+    /// The output length when it is known before running.
+    fn known_output_tokens(&self) -> Option<u32> {
+        self.trace_output_tokens
+            .map(|t| t.min(self.stop.max_tokens).max(1))
+    }
 }
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenerationEnd {
     Stop(StopReason),
+    /// The observer ended it (a stop string).
+    StopText,
+    /// It reached the length its trace recorded.
+    TraceLength,
     /// The sequence reached the model's context length.
     ContextLength,
     /// The sequence alone outgrew the KV cache.
@@ -72,200 +102,469 @@ pub struct EngineConfig {
     pub policy: PolicyKind,
     pub num_kv_blocks: u32,
     pub seed: u64,
+    /// What policies know of output lengths. `Sampled` runs a random sample of the requests
+    /// first (their results are final, not thrown away) and estimates the rest from it.
+    pub lengths: LengthKnowledge,
+}
+
+/// Which part of a run a step belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunPhase {
+    /// The sample run behind output-length estimates.
+    LengthSample,
+    Main,
+}
+
+/// What one step did, for progress reports.
+#[derive(Clone, Copy, Debug)]
+pub struct StepReport {
+    pub phase: RunPhase,
+    /// Prompt (and recomputed) tokens computed this step.
+    pub prefill_tokens: u64,
+    /// Sequences that decoded one token this step.
+    pub decode_tokens: u64,
+    /// Tokens sampled this step.
+    pub sampled_tokens: u64,
+    pub running: usize,
+    pub kv: KvUsage,
+    /// Wall time of the step (scheduling, batch building, the forward pass, sampling).
+    pub step_secs: f64,
+    /// The step's work under the performance model, and the model's time for it.
+    pub cost: scheduler::StepCost,
+    pub predicted: scheduler::StepTime,
+    /// Counters of the run so far (both phases).
+    pub totals: EngineStats,
+}
+
+/// Receives what the engine produces. Closures taking a [`Generation`] are observers.
+pub trait Observer {
+    /// A request ended (in finishing order). An error stops the run.
+    fn finished(&mut self, generation: Generation) -> std::io::Result<()>;
+    /// A step ran.
+    fn step(&mut self, _report: &StepReport) {}
+    /// After each sampled token: whether request `index` should end now (stop strings).
+    fn stop_text(&mut self, _index: usize, _generated: &[u32]) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(Generation)> Observer for F {
+    fn finished(&mut self, generation: Generation) -> std::io::Result<()> {
+        self(generation);
+        Ok(())
+    }
 }
 
 /// Counters of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EngineStats {
     pub steps: u64,
-    pub prefix_hit_ratio: f64,
+    pub prefix_lookup_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
     pub preemptions: u64,
     pub generated_tokens: u64,
+    pub finished: u64,
+    /// Requests run in the length-sample phase, and its wall time.
+    pub sample_requests: u64,
+    pub sample_secs: f64,
 }
 
-/// Generates for every request, calling `on_finished` as each one ends (in finishing order).
-pub fn generate<M: StepModel + ?Sized>(
+impl EngineStats {
+    pub fn prefix_hit_ratio(&self) -> f64 {
+        if self.prefix_lookup_tokens == 0 {
+            0.0
+        } else {
+            self.prefix_hit_tokens as f64 / self.prefix_lookup_tokens as f64
+        }
+    }
+
+    fn add(&mut self, s: &SchedulerStats) {
+        self.steps += s.steps;
+        self.prefix_lookup_tokens += s.prefix_lookup_tokens;
+        self.prefix_hit_tokens += s.prefix_hit_tokens;
+        self.prefill_tokens += s.prefill_tokens;
+        self.decode_tokens += s.decode_tokens;
+        self.preemptions += s.preemptions;
+        self.generated_tokens += s.generated_tokens;
+    }
+}
+
+/// Why `r` cannot run at all, checked before scheduling.
+fn invalid(r: &GenerationRequest, vocab_size: usize) -> Option<String> {
+    if r.prompt.is_empty() {
+        return Some("empty prompt".into());
+    }
+    if r.stop.max_tokens == 0 {
+        return Some("max_tokens must be at least 1".into());
+    }
+    r.prompt
+        .iter()
+        .find(|&&t| t as usize >= vocab_size)
+        .map(|t| format!("token id {t} is outside the vocabulary of {vocab_size}"))
+}
+
+/// The scheduler's view of some requests.
+fn workload_of(requests: &[GenerationRequest], indices: &[usize], known: bool) -> Workload {
+    Workload {
+        requests: indices
+            .iter()
+            .map(|&i| {
+                let r = &requests[i];
+                Request {
+                    id: r.id.clone(),
+                    prompt: r.prompt.iter().map(|&t| Chunk::token(t)).collect(),
+                    max_tokens: r.stop.max_tokens.max(1),
+                    output_tokens: if known { r.known_output_tokens() } else { None },
+                    source: 0,
+                }
+            })
+            .collect(),
+        sources: vec!["engine".into()],
+    }
+}
+
+/// Generates for every request, telling `observer` as each one ends (in finishing order) and
+/// after every step. Invalid requests (empty prompt, token ids outside the vocabulary, prompts
+/// too long for the context or the cache) end as [`GenerationEnd::Rejected`]; the rest run.
+pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
     model: &mut M,
     requests: &[GenerationRequest],
     config: &EngineConfig,
     perf: &scheduler::PerfModel,
-    mut on_finished: impl FnMut(Generation),
+    observer: &mut O,
 ) -> Result<EngineStats, EngineError> {
+    let vocab_size = model.config().vocab_size;
+    let mut valid = Vec::with_capacity(requests.len());
     for (index, r) in requests.iter().enumerate() {
-        if r.prompt.is_empty() {
-            return Err(EngineError::Request {
-                index,
-                message: "empty prompt".into(),
-            });
-        }
-        if let Some(&t) = r
-            .prompt
-            .iter()
-            .find(|&&t| t as usize >= model.config().vocab_size)
-        {
-            return Err(EngineError::Request {
-                index,
-                message: format!("token id {t} is outside the vocabulary"),
-            });
+        match invalid(r, vocab_size) {
+            Some(why) => observer
+                .finished(Generation {
+                    index,
+                    tokens: Vec::new(),
+                    end: GenerationEnd::Rejected,
+                    prompt_tokens: r.prompt.len(),
+                    rejection: Some(why),
+                })
+                .map_err(EngineError::Observer)?,
+            None => valid.push(index),
         }
     }
-    let workload = Workload {
-        requests: requests
-            .iter()
-            .map(|r| Request {
-                id: r.id.clone(),
-                prompt: r.prompt.iter().map(|&t| Chunk::token(t)).collect(),
-                max_tokens: r.stop.max_tokens.max(1),
-                output_tokens: None,
-                source: 0,
-            })
-            .collect(),
-        sources: vec!["engine".into()],
-    };
-    let block_tokens = config.scheduler.block_tokens;
-    // Output lengths are unknown before running. BlendServe's sampled estimate needs a sample
-    // run first (issue 4); until then policies see `max_tokens`.
-    let preparation = Preparation::new(
-        &workload,
-        perf,
-        scheduler::LengthKnowledge::MaxTokens,
-        config.seed,
-    );
-    let policy = config.policy.build(&PolicyInput {
-        preparation: &preparation,
-        perf,
-        seed: config.seed,
-    });
-    let kv = KvCacheConfig {
-        block_tokens,
-        num_blocks: config.num_kv_blocks,
-        // K and V, every layer, in the element the model's cache stores.
-        bytes_per_token: model.kv_bytes_per_token(),
-        enable_prefix_caching: config.scheduler.enable_prefix_caching,
-    };
-    let mut sched = Scheduler::new(
-        &workload,
-        config.scheduler.clone(),
-        kv,
-        model.config().max_position_embeddings as u64,
-        policy,
-        RequestEstimates {
-            demand: preparation.annotation.attributed.clone(),
-            output_tokens: preparation.estimated_output_tokens.clone(),
-        },
-        Some(perf.clone()),
+    model.allocate_cache(
+        config.num_kv_blocks as usize,
+        config.scheduler.block_tokens as usize,
     )?;
-    for &(r, ref why) in sched.rejections() {
-        let r = r as usize;
-        on_finished(Generation {
-            index: r,
-            tokens: Vec::new(),
-            end: GenerationEnd::Rejected,
-            prompt_tokens: requests[r].prompt.len(),
-            rejection: Some(why.to_string()),
-        });
-    }
-    model.allocate_cache(config.num_kv_blocks as usize, block_tokens as usize)?;
-    let mut samplers: Vec<Sampler> = requests.iter().map(|r| Sampler::new(r.sampling)).collect();
-    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
-    let mut stop_reason: Vec<Option<StopReason>> = vec![None; requests.len()];
-    while !sched.is_done() {
-        let plan = sched.schedule();
-        for f in &plan.finished {
-            let r = f.request as usize;
-            on_finished(Generation {
-                index: r,
-                tokens: std::mem::take(&mut generated[r]),
-                end: GenerationEnd::KvCapacity,
-                prompt_tokens: requests[r].prompt.len(),
-                rejection: None,
-            });
+    let mut run = Run {
+        requests,
+        samplers: requests.iter().map(|r| Sampler::new(r.sampling)).collect(),
+        generated: vec![Vec::new(); requests.len()],
+        output_tokens: vec![0; requests.len()],
+        ended: vec![None; requests.len()],
+        totals: EngineStats::default(),
+        config,
+        perf,
+    };
+    match config.lengths {
+        LengthKnowledge::MaxTokens => {
+            let estimates = valid.iter().map(|&i| requests[i].stop.max_tokens).collect();
+            run.phase(model, observer, &valid, estimates, RunPhase::Main)?;
         }
-        if plan.items.is_empty() {
-            if plan.finished.is_empty() && plan.preempted.is_empty() && !sched.is_done() {
-                return Err(EngineError::Stalled(sched.unfinished()));
-            }
-            continue;
+        LengthKnowledge::Known => {
+            let estimates = valid
+                .iter()
+                .map(|&i| {
+                    requests[i]
+                        .known_output_tokens()
+                        .ok_or(EngineError::UnknownLength(i))
+                })
+                .collect::<Result<Vec<u32>, _>>()?;
+            run.phase(model, observer, &valid, estimates, RunPhase::Main)?;
         }
-        let sequences = plan
-            .items
-            .iter()
-            .map(|item| {
-                let r = item.request as usize;
-                let start = item.start_tokens as usize;
-                let end = start + item.len_tokens as usize;
-                let prompt = &requests[r].prompt;
-                let tokens = (start..end)
-                    .map(|p| {
-                        if p < prompt.len() {
-                            prompt[p]
-                        } else {
-                            generated[r][p - prompt.len()]
-                        }
-                    })
+        LengthKnowledge::Sampled {
+            fraction,
+            min_samples,
+            min_node_samples,
+        } => {
+            let t0 = Instant::now();
+            let mut chosen: Vec<usize> =
+                scheduler::choose_length_sample(valid.len(), fraction, min_samples, config.seed)
+                    .into_iter()
+                    .map(|k| valid[k])
                     .collect();
-                SequenceChunk {
-                    tokens,
-                    start_position: start,
-                    block_table: sched
-                        .kv()
-                        .block_table(SeqId::from(item.request))
-                        .expect("scheduled sequences hold KV")
-                        .to_vec(),
-                    logits: item.samples,
-                }
+            chosen.sort_unstable();
+            let estimates = chosen
+                .iter()
+                .map(|&i| requests[i].stop.max_tokens)
+                .collect();
+            run.phase(model, observer, &chosen, estimates, RunPhase::LengthSample)?;
+            run.totals.sample_requests = chosen.len() as u64;
+            run.totals.sample_secs = t0.elapsed().as_secs_f64();
+            // Estimate over the tree of every valid request from what the sample produced.
+            let all = workload_of(requests, &valid, false);
+            let tree = scheduler::build_tree(&all);
+            let observed: Vec<(usize, u32)> = valid
+                .iter()
+                .enumerate()
+                .filter_map(|(k, &i)| run.observed_length(i).map(|len| (k, len)))
+                .collect();
+            let estimates_all =
+                scheduler::estimate_from_samples(&all, &tree, &observed, min_node_samples);
+            let (rest, estimates): (Vec<usize>, Vec<u32>) = valid
+                .iter()
+                .zip(estimates_all)
+                .filter(|(&i, _)| run.ended[i].is_none())
+                .map(|(&i, e)| (i, e))
+                .unzip();
+            run.phase(model, observer, &rest, estimates, RunPhase::Main)?;
+        }
+    }
+    Ok(run.totals)
+}
+
+/// State shared by the phases of one run.
+struct Run<'a> {
+    requests: &'a [GenerationRequest],
+    samplers: Vec<Sampler>,
+    generated: Vec<Vec<u32>>,
+    /// Tokens each finished request generated.
+    output_tokens: Vec<u32>,
+    /// Why each request ended, once it has.
+    ended: Vec<Option<GenerationEnd>>,
+    totals: EngineStats,
+    config: &'a EngineConfig,
+    perf: &'a scheduler::PerfModel,
+}
+
+impl Run<'_> {
+    /// The output length request `i` showed, if it ran to a natural end.
+    fn observed_length(&self, i: usize) -> Option<u32> {
+        match self.ended[i]? {
+            GenerationEnd::Rejected | GenerationEnd::KvCapacity => None,
+            _ => Some(self.output_tokens[i]),
+        }
+    }
+
+    fn finish<O: Observer + ?Sized>(
+        &mut self,
+        observer: &mut O,
+        r: usize,
+        end: GenerationEnd,
+        rejection: Option<String>,
+    ) -> Result<(), EngineError> {
+        let tokens = std::mem::take(&mut self.generated[r]);
+        self.output_tokens[r] = tokens.len() as u32;
+        self.ended[r] = Some(end);
+        self.totals.finished += 1;
+        observer
+            .finished(Generation {
+                index: r,
+                tokens,
+                end,
+                prompt_tokens: self.requests[r].prompt.len(),
+                rejection,
             })
-            .collect();
-        let batch = ForwardBatch { sequences };
-        // Greedy rows need only their argmax: the model may take it without copying logits.
-        let all_greedy = plan
-            .items
-            .iter()
-            .filter(|i| i.samples)
-            .all(|i| samplers[i.request as usize].is_greedy());
-        let mut sampled = if all_greedy {
-            model.step_greedy(&batch)?
-        } else {
-            let rows = model.step_logits(&batch)?;
-            plan.items
+            .map_err(EngineError::Observer)
+    }
+
+    /// Runs `indices` (requests of the input) to the end with the scheduler seeing
+    /// `estimates` as their output lengths.
+    fn phase<M: StepModel + ?Sized, O: Observer + ?Sized>(
+        &mut self,
+        model: &mut M,
+        observer: &mut O,
+        indices: &[usize],
+        estimates: Vec<u32>,
+        phase: RunPhase,
+    ) -> Result<(), EngineError> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let requests = self.requests;
+        let config = self.config;
+        let perf = self.perf;
+        let workload = workload_of(requests, indices, false);
+        let preparation = Preparation::with_estimates(&workload, perf, estimates);
+        let policy = config.policy.build(&PolicyInput {
+            preparation: &preparation,
+            perf,
+            seed: config.seed,
+        });
+        let kv = KvCacheConfig {
+            block_tokens: config.scheduler.block_tokens,
+            num_blocks: config.num_kv_blocks,
+            // K and V, every layer, in the element the model's cache stores.
+            bytes_per_token: model.kv_bytes_per_token(),
+            enable_prefix_caching: config.scheduler.enable_prefix_caching,
+        };
+        let mut sched = Scheduler::new(
+            &workload,
+            config.scheduler.clone(),
+            kv,
+            model.config().max_position_embeddings as u64,
+            policy,
+            RequestEstimates {
+                demand: preparation.annotation.attributed.clone(),
+                output_tokens: preparation.estimated_output_tokens.clone(),
+            },
+            Some(perf.clone()),
+        )?;
+        let before = self.totals;
+        // Why each of this phase's requests ends, set when its last token is sampled.
+        let mut pending_end: Vec<Option<GenerationEnd>> = vec![None; indices.len()];
+        for (k, why) in sched.rejections().to_vec() {
+            self.finish(
+                observer,
+                indices[k as usize],
+                GenerationEnd::Rejected,
+                Some(why.to_string()),
+            )?;
+        }
+        while !sched.is_done() {
+            let t0 = Instant::now();
+            let plan = sched.schedule();
+            for f in &plan.finished {
+                self.finish(
+                    observer,
+                    indices[f.request as usize],
+                    GenerationEnd::KvCapacity,
+                    None,
+                )?;
+            }
+            if plan.items.is_empty() {
+                if plan.finished.is_empty() && plan.preempted.is_empty() && !sched.is_done() {
+                    return Err(EngineError::Stalled(sched.unfinished()));
+                }
+                continue;
+            }
+            let sequences = plan
+                .items
+                .iter()
+                .map(|item| {
+                    let r = indices[item.request as usize];
+                    let start = item.start_tokens as usize;
+                    let end = start + item.len_tokens as usize;
+                    let prompt = &requests[r].prompt;
+                    let generated = &self.generated[r];
+                    let tokens = (start..end)
+                        .map(|p| {
+                            if p < prompt.len() {
+                                prompt[p]
+                            } else {
+                                generated[p - prompt.len()]
+                            }
+                        })
+                        .collect();
+                    SequenceChunk {
+                        tokens,
+                        start_position: start,
+                        block_table: sched
+                            .kv()
+                            .block_table(SeqId::from(item.request))
+                            .expect("scheduled sequences hold KV")
+                            .to_vec(),
+                        logits: item.samples,
+                    }
+                })
+                .collect();
+            let batch = ForwardBatch { sequences };
+            // Greedy rows need only their argmax: the model may take it without copying logits.
+            let all_greedy = plan
+                .items
                 .iter()
                 .filter(|i| i.samples)
-                .zip(&rows)
-                .map(|(item, row)| samplers[item.request as usize].sample(row))
-                .collect()
-        }
-        .into_iter();
-        for item in plan.items.iter().filter(|i| i.samples) {
-            let r = item.request as usize;
-            let token = sampled
-                .next()
-                .expect("one sampled token per sampling sequence");
-            generated[r].push(token);
-            stop_reason[r] = requests[r].stop.check(token, generated[r].len() as u32);
-        }
-        for f in sched.complete_step(&plan, |r, _| stop_reason[r as usize].is_some()) {
-            let r = f.request as usize;
-            let end = match f.reason {
-                FinishReason::Stop => {
-                    GenerationEnd::Stop(stop_reason[r].expect("stopped sequences have a reason"))
-                }
-                FinishReason::Length => GenerationEnd::ContextLength,
-                FinishReason::KvCapacity => GenerationEnd::KvCapacity,
+                .all(|i| self.samplers[indices[i.request as usize]].is_greedy());
+            let sampled = if all_greedy {
+                model.step_greedy(&batch)?
+            } else {
+                let rows = model.step_logits(&batch)?;
+                plan.items
+                    .iter()
+                    .filter(|i| i.samples)
+                    .zip(&rows)
+                    .map(|(item, row)| self.samplers[indices[item.request as usize]].sample(row))
+                    .collect()
             };
-            on_finished(Generation {
-                index: r,
-                tokens: std::mem::take(&mut generated[r]),
-                end,
-                prompt_tokens: requests[r].prompt.len(),
-                rejection: None,
+            let mut sampled = sampled.into_iter();
+            for item in plan.items.iter().filter(|i| i.samples) {
+                let r = indices[item.request as usize];
+                let token = sampled
+                    .next()
+                    .expect("one sampled token per sampling sequence");
+                self.generated[r].push(token);
+                let n = self.generated[r].len() as u32;
+                pending_end[item.request as usize] = requests[r].check(token, n).or_else(|| {
+                    observer
+                        .stop_text(r, &self.generated[r])
+                        .then_some(GenerationEnd::StopText)
+                });
+            }
+            let finished = sched.complete_step(&plan, |k, _| pending_end[k as usize].is_some());
+            for f in finished {
+                let r = indices[f.request as usize];
+                let end = match f.reason {
+                    FinishReason::Stop => {
+                        pending_end[f.request as usize].expect("stopped sequences have a reason")
+                    }
+                    FinishReason::Length => GenerationEnd::ContextLength,
+                    FinishReason::KvCapacity => GenerationEnd::KvCapacity,
+                };
+                self.finish(observer, r, end, None)?;
+            }
+            let mut totals = before;
+            totals.add(&sched.stats());
+            totals.finished = self.totals.finished;
+            totals.sample_requests = self.totals.sample_requests;
+            totals.sample_secs = self.totals.sample_secs;
+            let cost = plan.cost(perf);
+            observer.step(&StepReport {
+                phase,
+                prefill_tokens: plan
+                    .items
+                    .iter()
+                    .filter(|i| i.len_tokens > 1 || !i.samples)
+                    .map(|i| u64::from(i.len_tokens))
+                    .sum(),
+                decode_tokens: plan
+                    .items
+                    .iter()
+                    .filter(|i| i.len_tokens == 1 && i.samples)
+                    .count() as u64,
+                sampled_tokens: plan.items.iter().filter(|i| i.samples).count() as u64,
+                running: sched.running().len(),
+                kv: sched.kv_usage(),
+                step_secs: t0.elapsed().as_secs_f64(),
+                cost,
+                predicted: perf.time(&cost),
+                totals,
             });
         }
+        let finished = self.totals.finished;
+        self.totals = before;
+        self.totals.add(&sched.stats());
+        self.totals.finished = finished;
+        Ok(())
     }
-    let stats = sched.stats();
-    Ok(EngineStats {
-        steps: stats.steps,
-        prefix_hit_ratio: stats.prefix_hit_ratio(),
-        preemptions: stats.preemptions,
-        generated_tokens: stats.generated_tokens,
-    })
+}
+
+/// The performance model's view of a loaded model: its shape, with weights and KV cache in
+/// elements of `dtype_bytes`.
+pub fn perf_model_config(
+    config: &model::ModelConfig,
+    name: &str,
+    dtype_bytes: u32,
+) -> scheduler::ModelConfig {
+    scheduler::ModelConfig {
+        name: name.to_string(),
+        layers: config.num_layers as u32,
+        hidden: config.hidden_size as u32,
+        heads: config.num_heads as u32,
+        kv_heads: config.num_kv_heads as u32,
+        head_dim: config.head_dim as u32,
+        intermediate: config.intermediate_size as u32,
+        vocab: config.vocab_size as u32,
+        tied_embeddings: config.tie_word_embeddings,
+        dtype_bytes,
+        max_context_tokens: config.max_position_embeddings as u64,
+    }
 }

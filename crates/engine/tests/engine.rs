@@ -10,7 +10,9 @@ use model::{
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use scheduler::{Executor, HardwareConfig, ModelConfig, PerfModel, PolicyKind, SchedulerConfig};
+use scheduler::{
+    Executor, HardwareConfig, LengthKnowledge, ModelConfig, PerfModel, PolicyKind, SchedulerConfig,
+};
 
 type B = CpuBackend;
 
@@ -50,6 +52,7 @@ fn requests(vocab: u32) -> Vec<GenerationRequest> {
                     stop_token_ids: vec![2],
                     ignore_eos: false,
                 },
+                trace_output_tokens: None,
             }
         })
         .collect()
@@ -107,13 +110,28 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
                 policy: PolicyKind::parse(policy).unwrap(),
                 num_kv_blocks: blocks,
                 seed: 1,
+                // BlendServe's default: a sample run first (a quarter of the requests here).
+                lengths: if policy == "blendserve" {
+                    LengthKnowledge::Sampled {
+                        fraction: 0.25,
+                        min_samples: 4,
+                        min_node_samples: 1,
+                    }
+                } else {
+                    LengthKnowledge::MaxTokens
+                },
             };
             let mut got: Vec<Option<Generation>> = vec![None; reqs.len()];
-            let stats = generate(&mut model, &reqs, &config, &perf(), |g| {
+            let stats = generate(&mut model, &reqs, &config, &perf(), &mut |g: Generation| {
                 let i = g.index;
                 assert!(got[i].replace(g).is_none(), "request {i} finished twice");
             })
             .unwrap();
+            assert_eq!(stats.finished, reqs.len() as u64);
+            assert_eq!(
+                stats.sample_requests,
+                if policy == "blendserve" { 6 } else { 0 }
+            );
             for (i, g) in got.iter().enumerate() {
                 let g = g
                     .as_ref()
@@ -125,7 +143,7 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
                 );
             }
             assert!(
-                stats.prefix_hit_ratio > 0.0,
+                stats.prefix_hit_ratio() > 0.0,
                 "{policy}/{blocks}: shared system prompts are reused"
             );
             if blocks == 24 {
@@ -149,23 +167,120 @@ fn bad_requests_are_refused_with_their_index() {
         policy: PolicyKind::Fcfs,
         num_kv_blocks: 64,
         seed: 0,
+        lengths: LengthKnowledge::MaxTokens,
     };
+    // A token outside the vocabulary, an empty prompt and a prompt longer than the context
+    // are refused with the reason; the rest run.
     let mut reqs = requests(64);
     reqs[5].prompt = vec![999];
-    let err = generate(&mut model, &reqs, &config, &perf(), |_| {})
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("request 5") && err.contains("999"), "{err}");
-    // A prompt longer than the context is rejected, the rest run.
-    let mut reqs = requests(64);
+    reqs[7].prompt = vec![];
     reqs[3].prompt = vec![7; 5000];
     let mut ends = Vec::new();
-    generate(&mut model, &reqs, &config, &perf(), |g| {
+    generate(&mut model, &reqs, &config, &perf(), &mut |g: Generation| {
         ends.push((g.index, g.end, g.rejection.clone()))
     })
     .unwrap();
     assert_eq!(ends.len(), reqs.len());
-    let rejected = ends.iter().find(|e| e.0 == 3).unwrap();
-    assert_eq!(rejected.1, GenerationEnd::Rejected);
-    assert!(rejected.2.as_ref().unwrap().contains("5000"));
+    for (index, needle) in [(5, "999"), (7, "empty"), (3, "5000")] {
+        let e = ends.iter().find(|e| e.0 == index).unwrap();
+        assert_eq!(e.1, GenerationEnd::Rejected);
+        let why = e.2.as_ref().unwrap();
+        assert!(why.contains(needle), "{why}");
+    }
+    assert_eq!(
+        ends.iter()
+            .filter(|e| e.1 != GenerationEnd::Rejected)
+            .count(),
+        reqs.len() - 3
+    );
+}
+
+/// Ends text stops and trace lengths, and the observer's steps add up.
+struct Recorder {
+    ends: Vec<(usize, GenerationEnd, usize)>,
+    steps: u64,
+    sampled: u64,
+    stop_on: u32,
+}
+
+impl engine::Observer for Recorder {
+    fn finished(&mut self, g: Generation) -> std::io::Result<()> {
+        self.ends.push((g.index, g.end, g.tokens.len()));
+        Ok(())
+    }
+    fn step(&mut self, report: &engine::StepReport) {
+        self.steps += 1;
+        self.sampled += report.sampled_tokens;
+        assert_eq!(report.totals.steps, self.steps);
+    }
+    fn stop_text(&mut self, index: usize, generated: &[u32]) -> bool {
+        // Request 0 "sees its stop string" at its third token.
+        index == 0 && generated.len() as u32 == self.stop_on
+    }
+}
+
+#[test]
+fn trace_lengths_text_stops_and_known_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
+    let mut model =
+        BurnStepModel::new(LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap());
+    let mut reqs = requests(64);
+    for (i, r) in reqs.iter_mut().enumerate() {
+        r.stop.ignore_eos = true;
+        r.stop.max_tokens = 30;
+        r.trace_output_tokens = Some(1 + i as u32 % 4);
+    }
+    for lengths in [LengthKnowledge::Known, LengthKnowledge::MaxTokens] {
+        let config = EngineConfig {
+            scheduler: SchedulerConfig::default(),
+            policy: PolicyKind::parse("blendserve").unwrap(),
+            num_kv_blocks: 64,
+            seed: 0,
+            lengths,
+        };
+        let mut rec = Recorder {
+            ends: Vec::new(),
+            steps: 0,
+            sampled: 0,
+            stop_on: 3,
+        };
+        let stats = generate(&mut model, &reqs, &config, &perf(), &mut rec).unwrap();
+        assert_eq!(rec.ends.len(), reqs.len());
+        assert_eq!(stats.steps, rec.steps);
+        assert_eq!(stats.generated_tokens, rec.sampled);
+        for &(i, end, len) in &rec.ends {
+            if i == 0 {
+                // Its trace length (1) comes before the stop string (3).
+                assert_eq!((end, len), (GenerationEnd::TraceLength, 1));
+            } else {
+                assert_eq!((end, len), (GenerationEnd::TraceLength, 1 + i % 4), "{i}");
+            }
+        }
+    }
+    reqs[0].trace_output_tokens = Some(10);
+    let config = EngineConfig {
+        scheduler: SchedulerConfig::default(),
+        policy: PolicyKind::Fcfs,
+        num_kv_blocks: 64,
+        seed: 0,
+        lengths: LengthKnowledge::MaxTokens,
+    };
+    let mut rec = Recorder {
+        ends: Vec::new(),
+        steps: 0,
+        sampled: 0,
+        stop_on: 3,
+    };
+    generate(&mut model, &reqs, &config, &perf(), &mut rec).unwrap();
+    let first = rec.ends.iter().find(|e| e.0 == 0).unwrap();
+    assert_eq!((first.1, first.2), (GenerationEnd::StopText, 3));
+    // Known lengths need every request's length.
+    reqs[4].trace_output_tokens = None;
+    let config = EngineConfig {
+        lengths: LengthKnowledge::Known,
+        ..config
+    };
+    let err = generate(&mut model, &reqs, &config, &perf(), &mut |_: Generation| {}).unwrap_err();
+    assert!(err.to_string().contains("request 4"), "{err}");
 }

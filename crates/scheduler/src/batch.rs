@@ -179,6 +179,15 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
+    /// The step's work under the performance model: weights once, plus every item's piece.
+    pub fn cost(&self, perf: &PerfModel) -> StepCost {
+        let mut cost = perf.step_base_cost();
+        for item in &self.items {
+            cost += perf.piece_cost(item.start_tokens, u64::from(item.len_tokens), item.samples);
+        }
+        cost
+    }
+
     pub fn tokens(&self) -> u64 {
         self.items.iter().map(|i| u64::from(i.len_tokens)).sum()
     }

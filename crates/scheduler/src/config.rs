@@ -138,11 +138,22 @@ pub struct HardwareConfig {
     pub gpus: u32,
     /// Fixed cost per engine step (scheduling, launches) in seconds.
     pub step_overhead_secs: f64,
+    /// Fraction of `peak_flops` that prefill attention reaches, where it differs from GEMMs'
+    /// (an engine's own attention kernels; calibrated from a device benchmark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_efficiency: Option<f64>,
 }
 
 impl HardwareConfig {
     pub fn effective_flops(&self) -> f64 {
         self.peak_flops * self.compute_efficiency * f64::from(self.gpus)
+    }
+
+    /// FLOP/s of prefill attention.
+    pub fn effective_attention_flops(&self) -> f64 {
+        self.peak_flops
+            * self.attention_efficiency.unwrap_or(self.compute_efficiency)
+            * f64::from(self.gpus)
     }
 
     pub fn effective_bytes_per_sec(&self) -> f64 {
@@ -163,6 +174,7 @@ impl HardwareConfig {
             memory_efficiency: 0.9,
             gpus: 1,
             step_overhead_secs: 0.0,
+            attention_efficiency: None,
         };
         Some(match name {
             // 798 TFLOP/s and 3.0 TB/s measured on the lent H100 (see DEVELOPERS.md).
@@ -207,6 +219,7 @@ pub struct HardwareOverride {
     pub memory_efficiency: Option<f64>,
     pub gpus: Option<u32>,
     pub step_overhead_secs: Option<f64>,
+    pub attention_efficiency: Option<f64>,
 }
 
 /// A TOML file that overrides presets: `[model]` and `[hardware]` tables, every key optional.
@@ -308,12 +321,16 @@ impl OverrideFile {
             gpus,
             step_overhead_secs
         );
+        if let Some(e) = o.attention_efficiency {
+            h.attention_efficiency = Some(e);
+        }
         let positive =
             h.peak_flops > 0.0 && h.memory_bytes_per_sec > 0.0 && h.memory_bytes > 0 && h.gpus > 0;
         let fractions = (0.0..=1.0).contains(&h.compute_efficiency)
             && h.compute_efficiency > 0.0
             && (0.0..=1.0).contains(&h.memory_efficiency)
-            && h.memory_efficiency > 0.0;
+            && h.memory_efficiency > 0.0
+            && h.attention_efficiency.is_none_or(|e| e > 0.0 && e <= 1.0);
         if !positive || !fractions || h.step_overhead_secs < 0.0 {
             return Err(SchedulerError::Config(format!(
                 "hardware `{}`: rates, memory and gpus must be positive and efficiencies in (0, 1]",

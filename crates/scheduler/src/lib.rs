@@ -24,7 +24,10 @@ pub use bound::{optimal_bound, OptimalBound};
 pub use config::{HardwareConfig, ModelConfig, OverrideFile};
 pub use perf::{Executor, PerfModel, StepCost, StepTime};
 pub use policy::{BatchView, Policy, PolicyInput, PolicyKind};
-pub use prepare::{estimate_output_tokens, LengthKnowledge, Preparation};
+pub use prepare::{
+    build_tree, choose_length_sample, estimate_from_samples, estimate_output_tokens,
+    LengthKnowledge, Preparation,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {

@@ -191,12 +191,13 @@ impl PerfModel {
     /// Time of a step (or of a summed cost spanning `cost.steps` steps) under the executor.
     pub fn time(&self, cost: &StepCost) -> StepTime {
         let f = self.hardware.effective_flops();
+        let fa = self.hardware.effective_attention_flops();
         let b = self.hardware.effective_bytes_per_sec();
         let gemm = (cost.gemm_flops / f).max(cost.weight_bytes / b);
-        let prefill = (cost.prefill_attention_flops / f).max(cost.prefill_kv_bytes / b);
+        let prefill = (cost.prefill_attention_flops / fa).max(cost.prefill_kv_bytes / b);
         let decode = (cost.decode_attention_flops / f).max(cost.decode_kv_bytes / b);
         let compute_secs =
-            (cost.gemm_flops + cost.prefill_attention_flops + cost.decode_attention_flops) / f;
+            (cost.gemm_flops + cost.decode_attention_flops) / f + cost.prefill_attention_flops / fa;
         let memory_secs = (cost.weight_bytes + cost.prefill_kv_bytes + cost.decode_kv_bytes) / b;
         let sequential = gemm + prefill + decode;
         let overlapped = compute_secs.max(memory_secs);

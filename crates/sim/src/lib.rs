@@ -289,15 +289,7 @@ impl<'w> Simulation<'w> {
                 }
                 continue;
             }
-            let mut cost = self.perf.step_base_cost();
-            for item in &plan.items {
-                cost += self.perf.piece_cost(
-                    item.start_tokens,
-                    u64::from(item.len_tokens),
-                    item.samples,
-                );
-            }
-            let t = self.perf.time(&cost);
+            let t = self.perf.time(&plan.cost(&self.perf));
             let kv_used = scheduler.kv_usage().used_fraction();
             clock += t.secs;
             compute_busy += t.compute_secs;

@@ -79,3 +79,58 @@ impl ContentIdAllocator {
         Chunk::new(id, len_tokens)
     }
 }
+
+/// Concrete token ids for a prompt of chunks, to run a trace on a real model: a token chunk is
+/// its own id; any other chunk expands to `len_tokens` ids drawn deterministically from its
+/// content id in `[first_id, vocab_size)`. Equal chunks expand to equal ids, so the trace's
+/// prefix sharing survives.
+pub fn materialize_token_ids(prompt: &[Chunk], first_id: u32, vocab_size: u32) -> Vec<u32> {
+    let span = u64::from(vocab_size.saturating_sub(first_id).max(1));
+    let mut ids = Vec::with_capacity(prompt.iter().map(|c| c.len_tokens as usize).sum());
+    for c in prompt {
+        if Namespace::of(c.content_id) == Some(Namespace::Token) && c.len_tokens == 1 {
+            ids.push(c.content_id as u32);
+            continue;
+        }
+        for i in 0..u64::from(c.len_tokens) {
+            // splitmix64 of (content id, position).
+            let mut z = c
+                .content_id
+                .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            ids.push(first_id + (z % span) as u32);
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod materialize_tests {
+    use super::*;
+
+    #[test]
+    fn equal_chunks_give_equal_ids_within_the_range() {
+        let shared = Chunk::new(Namespace::Template.id(7), 40);
+        let a = materialize_token_ids(
+            &[
+                shared,
+                Chunk::token(5),
+                Chunk::new(Namespace::Unique.id(1), 9),
+            ],
+            3,
+            100,
+        );
+        let b = materialize_token_ids(&[shared, Chunk::new(Namespace::Unique.id(2), 9)], 3, 100);
+        assert_eq!(a.len(), 50);
+        assert_eq!(a[..40], b[..40]);
+        assert_eq!(a[40], 5);
+        assert_ne!(a[41..], b[40..]);
+        assert!(a.iter().chain(&b).all(|&t| (3..100).contains(&t) || t == 5));
+        // Ids spread over the range rather than repeating one value.
+        let distinct: std::collections::HashSet<_> = a[..40].iter().collect();
+        assert!(distinct.len() > 20);
+    }
+}

@@ -15,7 +15,7 @@ pub mod native;
 mod spec;
 pub mod traces;
 
-pub use chunk::{Chunk, ContentIdAllocator, Namespace};
+pub use chunk::{materialize_token_ids, Chunk, ContentIdAllocator, Namespace};
 pub use error::WorkloadError;
 pub use spec::WorkloadSpec;
 

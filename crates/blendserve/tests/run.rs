@@ -1,0 +1,260 @@
+//! `blendserve run` end to end on the bundled demo model (CPU): OpenAI Batch JSONL in and out,
+//! per-line errors, input order, stop strings, native workloads, and crash safety (`kill -9`
+//! then `--resume` gives what an uninterrupted run gives).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn blendserve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blendserve"))
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = blendserve().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}\n{stderr}");
+    stderr
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_batch(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn completion(id: &str, prompt: &str, extra: Value) -> String {
+    let mut body = json!({"model": "demo", "prompt": prompt, "max_tokens": 12});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    json!({"custom_id": id, "method": "POST", "url": "/v1/completions", "body": body}).to_string()
+}
+
+#[test]
+fn demo_batch_runs_with_no_arguments_and_writes_every_answer_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    run_ok(&[
+        "run",
+        "--output",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--hardware",
+        "h100",
+    ]);
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 20);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["id"], format!("batch_req_{:08}", i + 1));
+        assert_eq!(l["response"]["status_code"], 200, "{l}");
+        let usage = &l["response"]["body"]["usage"];
+        assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+        let n = usage["completion_tokens"].as_u64().unwrap();
+        assert!((1..=96).contains(&n), "{l}");
+    }
+    assert_eq!(lines[0]["custom_id"], "chat-0");
+    assert_eq!(lines[0]["response"]["body"]["object"], "chat.completion");
+    assert_eq!(lines[12]["response"]["body"]["object"], "text_completion");
+    // Stop strings: the text never contains one, and finding one ends with "stop".
+    for l in &lines[12..17] {
+        let choice = &l["response"]["body"]["choices"][0];
+        assert!(!choice["text"].as_str().unwrap().contains('.'), "{l}");
+    }
+    // ignore_eos requests run to max_tokens.
+    for l in &lines[17..20] {
+        assert_eq!(l["response"]["body"]["usage"]["completion_tokens"], 96);
+        assert_eq!(
+            l["response"]["body"]["choices"][0]["finish_reason"],
+            "length"
+        );
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["succeeded"], 20);
+    assert_eq!(report["failed"], 0);
+    assert!(report["optimal_bound_secs"].as_f64().unwrap() > 0.0);
+    // Standard output gets the same answers in the same order.
+    let stdout = blendserve().args(["run"]).output().unwrap();
+    assert!(stdout.status.success());
+    let from_stdout: Vec<Value> = String::from_utf8(stdout.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let choices = |ls: &[Value]| -> Vec<Value> {
+        ls.iter()
+            .map(|l| l["response"]["body"]["choices"].clone())
+            .collect()
+    };
+    assert_eq!(choices(&from_stdout), choices(&lines));
+}
+
+#[test]
+fn bad_lines_become_error_results_and_the_batch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let long_prompt = vec!["the"; 5000].join(" ");
+    write_batch(
+        &input,
+        &[
+            completion("ok-1", "once upon a time", json!({})),
+            "{this is not json".into(),
+            completion("n2", "hello", json!({"n": 2})),
+            completion("long", &long_prompt, json!({})),
+            completion("ok-1", "a duplicate id", json!({})),
+            json!({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {}})
+                .to_string(),
+            completion("toomany", "hi", json!({"max_tokens": 5000})),
+            completion("ok-2", "the sky is", json!({"temperature": 0.8, "seed": 1})),
+        ],
+    );
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 8, "one result per input line");
+    let by_line: Vec<(Value, Value)> = lines
+        .iter()
+        .map(|l| (l["custom_id"].clone(), l["response"]["status_code"].clone()))
+        .collect();
+    assert_eq!(by_line[0], (json!("ok-1"), json!(200)));
+    assert_eq!(by_line[7], (json!("ok-2"), json!(200)));
+    assert_eq!(lines[1]["error"]["code"], "invalid_json");
+    assert!(lines[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("line 2"));
+    let code = |i: usize| lines[i]["response"]["body"]["error"]["code"].clone();
+    assert_eq!(code(2), "unsupported_parameter");
+    assert_eq!(code(3), "context_length_exceeded");
+    assert_eq!(code(4), "duplicate_custom_id");
+    assert_eq!(code(5), "unsupported_url");
+    assert_eq!(code(6), "context_length_exceeded");
+}
+
+#[test]
+fn native_workload_replays_recorded_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("w.jsonl");
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"a\", \"prompt_tokens\": 40, \"output_tokens\": 7, \"max_tokens\": 64}\n\
+         {\"id\": \"b\", \"prompt_token_ids\": [5, 6, 7, 8], \"output_tokens\": 3, \"max_tokens\": 64}\n",
+    )
+    .unwrap();
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--policy",
+        "dfs",
+    ]);
+    let lines = read_lines(&out);
+    let usage = |i: usize| lines[i]["response"]["body"]["usage"].clone();
+    assert_eq!(usage(0)["completion_tokens"], 7);
+    assert_eq!(usage(0)["prompt_tokens"], 40);
+    assert_eq!(usage(1)["completion_tokens"], 3);
+    let ids = &lines[1]["response"]["body"]["choices"][0]["token_ids"];
+    assert_eq!(ids.as_array().unwrap().len(), 3);
+}
+
+/// Results keyed by custom_id, without the wall-clock field.
+fn results(path: &Path) -> BTreeMap<String, Value> {
+    read_lines(path)
+        .into_iter()
+        .map(|mut l| {
+            l["response"]["body"]["created"] = json!(0);
+            (l["custom_id"].as_str().unwrap().to_string(), l)
+        })
+        .collect()
+}
+
+#[test]
+fn kill_then_resume_loses_nothing_and_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let words = [
+        "the sky is",
+        "once upon a time",
+        "our team ships",
+        "what is rust",
+    ];
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            completion(
+                &format!("r{i}"),
+                words[i % 4],
+                json!({"max_tokens": 20 + i % 40, "ignore_eos": true,
+                       "temperature": if i % 3 == 0 { 0.9 } else { 0.0 }}),
+            )
+        })
+        .collect();
+    write_batch(&input, &lines);
+    let full = dir.path().join("full.jsonl");
+    let common = ["--max-running", "16", "--policy", "fcfs"];
+    let mut args = vec!["run", "--input", input.to_str().unwrap()];
+    args.extend(common);
+    let mut full_args = args.clone();
+    full_args.extend(["--output", full.to_str().unwrap()]);
+    run_ok(&full_args);
+
+    let part = dir.path().join("part.jsonl");
+    let mut part_args = args.clone();
+    part_args.extend(["--output", part.to_str().unwrap()]);
+    let mut child = blendserve()
+        .args(&part_args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let written = std::fs::read_to_string(&part)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if written >= 20 || t0.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = std::fs::read_to_string(&part).unwrap();
+    assert!(
+        before.lines().count() < 300,
+        "the run ended before the kill: nothing was tested"
+    );
+    // A torn last line, as a kill in the middle of a write leaves.
+    std::fs::write(&part, before.clone() + "{\"id\": \"batch_req_0000").unwrap();
+    let mut resume_args = part_args.clone();
+    resume_args.push("--resume");
+    let stderr = run_ok(&resume_args);
+    assert!(stderr.contains("already done"), "{stderr}");
+    let got = results(&part);
+    assert_eq!(got.len(), 300);
+    assert_eq!(got, results(&full), "resumed results differ");
+    // Input order after the final rewrite.
+    let order: Vec<String> = read_lines(&part)
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(order, (0..300).map(|i| format!("r{i}")).collect::<Vec<_>>());
+}
