@@ -354,7 +354,8 @@ extern "C" __global__ void paged_decode_reduce(bf16_t* __restrict__ out,
 // of 64 gathered from the paged cache (the sequence's earlier chunks and shared prefix blocks as
 // well as this chunk's own keys, which `rope_write_kv` stored first). Causal: query at position
 // p sees keys 0..=p. K and V are kept [key][dim] in shared memory (rows padded by 8 so the
-// fragment loads are free of bank conflicts); V's fragments come transposed by ldmatrix.
+// fragment loads are free of bank conflicts); K's fragments come by ldmatrix, V's transposed by
+// ldmatrix.trans, four 8x8 matrices a load.
 
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -383,11 +384,20 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// B fragment of m16n8k16 from a row-major [k][n] tile: lanes 0..15 give the rows k = 0..15.
-__device__ __forceinline__ void ldmatrix_x2_trans(u32& b0, u32& b1, const bf16_t* row) {
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the rows of matrix m. Non-transposed: the B
+// fragments of m16n8k16 from a [n][k] tile (K as stored), two k-steps at once.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16_t* row) {
     u32 addr = smem_addr(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b0), "=r"(b1)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// Transposed: the B fragments from a [k][n] tile (V as stored), two n-tiles at once.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16_t* row) {
+    u32 addr = smem_addr(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
 
@@ -484,15 +494,18 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
         const bf16_t* sk = smem + (tile_i & 1) * 2 * BN * KP;
         const bf16_t* sv = sk + BN * KP;
 
-        // S = Q K^T: 16 x 64 per warp, 8 n-tiles.
+        // S = Q K^T: 16 x 64 per warp, 8 n-tiles. One ldmatrix.x4 brings the B fragments of
+        // two k-steps (8 keys x 32 dims), a quarter of the shared loads of 32-bit reads.
         float s[BN / 8][4];
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const bf16_t* kr = &sk[(n * 8 + g) * KP + kk * 16 + 2 * t];
-                mma_bf16(s[n], qf[kk], *(const u32*)kr, *(const u32*)(kr + 8));
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                u32 b[4];
+                ldmatrix_x4(b, &sk[(n * 8 + (lane & 7)) * KP + kk * 16 + (lane >> 3) * 8]);
+                mma_bf16(s[n], qf[kk], b[0], b[1]);
+                mma_bf16(s[n], qf[kk + 1], b[2], b[3]);
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
@@ -549,10 +562,12 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                u32 b0, b1;
-                ldmatrix_x2_trans(b0, b1, &sv[(kk * 16 + (lane & 15)) * KP + n * 8]);
-                mma_bf16(o[n], pf[kk], b0, b1);
+            for (int n = 0; n < D / 8; n += 2) {
+                // Two dim tiles (n, n + 1) per ldmatrix.x4.trans.
+                u32 b[4];
+                ldmatrix_x4_trans(b, &sv[(kk * 16 + (lane & 15)) * KP + (n + (lane >> 4)) * 8]);
+                mma_bf16(o[n], pf[kk], b[0], b[1]);
+                mma_bf16(o[n + 1], pf[kk], b[2], b[3]);
             }
         }
         __syncthreads();
