@@ -456,6 +456,8 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
     const int kv_end = start + last_q + 1;  // keys 0..kv_end
     const int block_first_pos = start + q0;
 
+    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
     // K and V tile at keys k0.. into `stage` with cp.async (zero-filled past the end).
     auto load_tile = [&](int k0, int stage) {
         bf16_t* dk = smem + stage * 2 * BN * KP;
@@ -467,7 +469,10 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
             const bf16_t* vs = v_cache;
             int bytes = 0;
             if (p < kv_end) {
-                size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
+                // Blocks are a power of two tokens in practice: shift and mask, not divide.
+                int blk = pow2_blocks ? p >> block_shift : p / block_size;
+                int within = pow2_blocks ? p & (block_size - 1) : p % block_size;
+                size_t slot = (size_t)table[blk] * block_size + within;
                 size_t off = (slot * kv_heads + kvh) * D + d8;
                 ks = k_cache + off;
                 vs = v_cache + off;
@@ -594,7 +599,7 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
 }
 
 #define PREFILL_KERNEL(D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) paged_prefill_d##D(                         \
+    extern "C" __global__ void __launch_bounds__(128, 3) paged_prefill_d##D(                         \
         bf16_t* out, const bf16_t* qkv, const bf16_t* k_cache, const bf16_t* v_cache,            \
         const u32* block_tables, const int* tile_seq, const int* tile_q0, const int* seq_row0,   \
         const int* seq_start, const int* seq_len, const int* seq_table_off, int heads,           \
