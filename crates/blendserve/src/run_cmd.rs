@@ -1066,6 +1066,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             sim_config.scheduler = scheduler;
             sim_config.num_gpu_blocks_override = Some(num_kv_blocks);
             sim_config.lengths = lengths;
+            // The engine runs the length sample as its own phase; so does the prediction.
+            sim_config.length_sample_phase = true;
             sim_config.seed = args.workload.seed;
             let simulation = sim::Simulation::new(&realized, sim_config)?;
             let report = simulation.run(&args.policy, &policy, &mut |_, _| {})?;

@@ -37,6 +37,10 @@ pub struct SimArgs {
     /// What the scheduler knows of output lengths: sampled, sampled:F, known, max-tokens.
     #[arg(long, default_value = "sampled")]
     pub lengths: String,
+    /// Under sampled lengths, run the sample as its own phase first and count its time, as
+    /// `blendserve run` does (by default the sample's lengths come for free).
+    #[arg(long)]
+    pub length_sample_phase: bool,
     #[arg(long, default_value_t = 8192)]
     pub max_batch_tokens: u32,
     /// Prefill budget per step: auto (each policy's own: fixed for fcfs/random/dfs, balanced
@@ -86,6 +90,7 @@ pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig>
     config.scheduler.enable_prefix_caching = !args.no_prefix_caching;
     config.kv_memory_fraction = args.kv_memory_fraction;
     config.lengths = args.lengths.parse::<LengthKnowledge>()?;
+    config.length_sample_phase = args.length_sample_phase;
     config.seed = args.workload.seed;
     if args.timeline_dir.is_some() {
         config.timeline_every = args.timeline_every.max(1);

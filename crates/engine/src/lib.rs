@@ -255,6 +255,19 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
         config.num_kv_blocks as usize,
         config.scheduler.block_tokens as usize,
     )?;
+    // Price single requests as the simulator does for this cache and these prompts.
+    let mut perf = perf.clone();
+    let mean_prompt_tokens = valid
+        .iter()
+        .map(|&i| requests[i].prompt.len() as f64)
+        .sum::<f64>()
+        / valid.len().max(1) as f64;
+    perf.set_decode_concurrency(
+        f64::from(config.num_kv_blocks) * f64::from(config.scheduler.block_tokens),
+        mean_prompt_tokens,
+        config.scheduler.max_running,
+    );
+    let perf = &perf;
     let mut run = Run {
         requests,
         samplers: requests.iter().map(|r| Sampler::new(r.sampling)).collect(),

@@ -116,6 +116,19 @@ impl PerfModel {
         }
     }
 
+    /// Sets [`PerfModel::decode_concurrency_hint`] for a KV cache of `kv_capacity_tokens` and
+    /// prompts of `mean_prompt_tokens` on average: as many sequences as the cache holds, at most
+    /// `max_running`. The simulator and the engine both call it, so they price alike.
+    pub fn set_decode_concurrency(
+        &mut self,
+        kv_capacity_tokens: f64,
+        mean_prompt_tokens: f64,
+        max_running: u32,
+    ) {
+        self.decode_concurrency_hint = (kv_capacity_tokens / mean_prompt_tokens.max(1.0))
+            .clamp(1.0, f64::from(max_running.max(1)));
+    }
+
     /// The cost of computing tokens `[start, start + len)` of one sequence in a step (weights
     /// excluded: they are read once per step). `logits` says whether the last token is sampled.
     pub fn piece_cost(&self, start_tokens: u64, len_tokens: u64, logits: bool) -> StepCost {

@@ -11,9 +11,10 @@ use std::time::Instant;
 use kv_cache::KvCacheConfig;
 use prefix_tree::RequestIndex;
 use scheduler::{
-    optimal_bound, Executor, HardwareConfig, LengthKnowledge, ModelConfig, OptimalBound, PerfModel,
-    PolicyInput, PolicyKind, Preparation, Rejection, RequestEstimates, Scheduler, SchedulerConfig,
-    SchedulerError, TokenBudget,
+    choose_length_sample, estimate_from_samples, optimal_bound, Executor, HardwareConfig,
+    LengthKnowledge, ModelConfig, OptimalBound, PerfModel, PolicyInput, PolicyKind, Preparation,
+    Rejection, RequestEstimates, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats,
+    TokenBudget,
 };
 use serde::Serialize;
 use workload::Workload;
@@ -40,6 +41,9 @@ pub struct SimConfig {
     pub num_gpu_blocks_override: Option<u32>,
     #[serde(skip)]
     pub lengths: LengthKnowledge,
+    /// Under sampled lengths, simulate the sample run as its own phase before the rest, as the
+    /// engine runs it (otherwise the sample's lengths come for free).
+    pub length_sample_phase: bool,
     pub seed: u64,
     /// Keep one [`StepRecord`] every this many steps (0: none).
     pub timeline_every: u64,
@@ -80,6 +84,7 @@ impl SimConfig {
             kv_memory_fraction: 0.9,
             num_gpu_blocks_override: None,
             lengths: LengthKnowledge::default(),
+            length_sample_phase: false,
             seed: 0,
             timeline_every: 0,
         }
@@ -189,10 +194,11 @@ impl<'w> Simulation<'w> {
                 sched.max_batch_tokens,
             )?,
         };
-        let capacity_tokens = f64::from(num_blocks) * f64::from(sched.block_tokens);
-        let mean_prompt = workload.summary().prompt_tokens_mean.max(1.0);
-        perf.decode_concurrency_hint =
-            (capacity_tokens / mean_prompt).clamp(1.0, f64::from(sched.max_running));
+        perf.set_decode_concurrency(
+            f64::from(num_blocks) * f64::from(sched.block_tokens),
+            workload.summary().prompt_tokens_mean,
+            sched.max_running,
+        );
         let kv = KvCacheConfig {
             block_tokens: sched.block_tokens,
             num_blocks,
@@ -241,6 +247,10 @@ impl<'w> Simulation<'w> {
     }
 
     /// Simulates `kind` to completion. `progress(done, total)` is called every 256 steps.
+    ///
+    /// With [`SimConfig::length_sample_phase`] and sampled lengths, the run is the engine's: the
+    /// sample runs first on its own (the scheduler told only `max_tokens`), then the rest with
+    /// estimates from what the sample produced; both phases' time counts.
     pub fn run(
         &self,
         name: &str,
@@ -248,33 +258,144 @@ impl<'w> Simulation<'w> {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<SimReport, SimError> {
         let started = Instant::now();
+        let mut acc = PhaseTotals::default();
+        let n = self.workload.len();
+        let schedule_wall_secs;
+        match (self.config.lengths, self.config.length_sample_phase) {
+            (
+                LengthKnowledge::Sampled {
+                    fraction,
+                    min_samples,
+                    min_node_samples,
+                },
+                true,
+            ) => {
+                let mut chosen = choose_length_sample(n, fraction, min_samples, self.config.seed);
+                chosen.sort_unstable();
+                let sample = self.subset(&chosen);
+                let estimates = sample
+                    .requests
+                    .iter()
+                    .map(|r| r.max_tokens.max(1))
+                    .collect();
+                let prep = Preparation::with_estimates(&sample, &self.perf, estimates);
+                self.run_phase(&sample, &chosen, &prep, kind, &mut acc, progress)?;
+                let observed: Vec<(usize, u32)> =
+                    chosen.iter().map(|&i| (i, self.targets[i])).collect();
+                let all = estimate_from_samples(
+                    self.workload,
+                    &self.preparation.tree,
+                    &observed,
+                    min_node_samples,
+                );
+                let mut sampled = vec![false; n];
+                for &i in &chosen {
+                    sampled[i] = true;
+                }
+                let rest: Vec<usize> = (0..n).filter(|&i| !sampled[i]).collect();
+                let rest_workload = self.subset(&rest);
+                let estimates = rest.iter().map(|&i| all[i]).collect();
+                let prep = Preparation::with_estimates(&rest_workload, &self.perf, estimates);
+                self.run_phase(&rest_workload, &rest, &prep, kind, &mut acc, progress)?;
+                schedule_wall_secs = self.prepare_wall_secs + acc.policy_build_secs;
+            }
+            _ => {
+                let all: Vec<usize> = (0..n).collect();
+                self.run_phase(
+                    self.workload,
+                    &all,
+                    &self.preparation,
+                    kind,
+                    &mut acc,
+                    progress,
+                )?;
+                schedule_wall_secs = self.prepare_wall_secs + acc.policy_build_secs;
+            }
+        }
+        let stats = acc.stats;
+        let clock = acc.clock;
+        let makespan = clock.max(f64::MIN_POSITIVE);
+        Ok(SimReport {
+            workload: String::new(),
+            model: self.config.model.name.clone(),
+            hardware: self.config.hardware.name.clone(),
+            policy: name.to_string(),
+            executor: self.config.executor.to_string(),
+            token_budget: token_budget_label(acc.token_budget.unwrap_or(TokenBudget::Fixed)),
+            lengths: format!("{:?}", self.config.lengths),
+            requests: self.workload.len(),
+            finished: stats.finished,
+            rejected: stats.rejected,
+            steps: stats.steps,
+            makespan_secs: clock,
+            prompt_tokens: acc.prompt_tokens,
+            output_tokens: stats.generated_tokens,
+            output_tokens_per_sec: stats.generated_tokens as f64 / makespan,
+            total_tokens_per_sec: (acc.prompt_tokens + stats.generated_tokens) as f64 / makespan,
+            prefix_hit_ratio: stats.prefix_hit_ratio(),
+            sharing_ratio: self.preparation.tree.sharing_ratio(),
+            kv_utilization: acc.kv_used_time / makespan,
+            compute_utilization: acc.compute_busy / makespan,
+            memory_utilization: acc.memory_busy / makespan,
+            preemptions: stats.preemptions,
+            preempted_tokens: stats.preempted_tokens,
+            optimal_secs: self.bound.secs,
+            percent_of_optimal: 100.0 * self.bound.secs / makespan,
+            schedule_wall_secs,
+            sim_wall_secs: started.elapsed().as_secs_f64(),
+            timeline: acc.timeline,
+            rejections: acc.rejections,
+        })
+    }
+
+    /// The requests `indices` of the workload, in that order.
+    fn subset(&self, indices: &[usize]) -> Workload {
+        Workload {
+            requests: indices
+                .iter()
+                .map(|&i| self.workload.requests[i].clone())
+                .collect(),
+            sources: self.workload.sources.clone(),
+        }
+    }
+
+    /// Runs `workload` (the requests `indices` of the whole workload) to completion, adding its
+    /// time and counters to `acc`.
+    fn run_phase(
+        &self,
+        workload: &Workload,
+        indices: &[usize],
+        preparation: &Preparation,
+        kind: &PolicyKind,
+        acc: &mut PhaseTotals,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), SimError> {
+        if workload.is_empty() {
+            return Ok(());
+        }
+        let built = Instant::now();
         let policy = kind.build(&PolicyInput {
-            preparation: &self.preparation,
+            preparation,
             perf: &self.perf,
             seed: self.config.seed,
         });
-        let schedule_wall_secs = self.prepare_wall_secs + started.elapsed().as_secs_f64();
+        acc.policy_build_secs += built.elapsed().as_secs_f64();
         let mut scheduler = Scheduler::new(
-            self.workload,
+            workload,
             self.config.scheduler.clone(),
             self.kv,
             self.config.model.max_context_tokens,
             policy,
             RequestEstimates {
-                demand: self.preparation.annotation.attributed.clone(),
-                output_tokens: self.preparation.estimated_output_tokens.clone(),
+                demand: preparation.annotation.attributed.clone(),
+                output_tokens: preparation.estimated_output_tokens.clone(),
             },
             Some(self.perf.clone()),
         )?;
-        let total = scheduler.unfinished() as u64;
-        let token_budget = scheduler.token_budget();
-        let mut clock = 0.0;
-        let mut compute_busy = 0.0;
-        let mut memory_busy = 0.0;
-        let mut kv_used_time = 0.0;
-        let mut prompt_tokens = 0u64;
-        let mut timeline = Vec::new();
-        let targets = &self.targets;
+        let total = self.workload.len() as u64;
+        acc.token_budget.get_or_insert(scheduler.token_budget());
+        let before = acc.stats;
+        let targets: Vec<u32> = indices.iter().map(|&i| self.targets[i]).collect();
         while !scheduler.is_done() {
             let plan = scheduler.schedule();
             if plan.items.is_empty() {
@@ -283,7 +404,7 @@ impl<'w> Simulation<'w> {
                 }
                 if plan.finished.is_empty() && plan.preempted.is_empty() {
                     return Err(SimError::Stalled {
-                        step: scheduler.stats().steps,
+                        step: before.steps + scheduler.stats().steps,
                         unfinished: scheduler.unfinished(),
                     });
                 }
@@ -291,20 +412,20 @@ impl<'w> Simulation<'w> {
             }
             let t = self.perf.time(&plan.cost(&self.perf));
             let kv_used = scheduler.kv_usage().used_fraction();
-            clock += t.secs;
-            compute_busy += t.compute_secs;
-            memory_busy += t.memory_secs;
-            kv_used_time += kv_used * t.secs;
-            let step = scheduler.stats().steps;
-            if self.config.timeline_every > 0 && step % self.config.timeline_every == 0 {
+            acc.clock += t.secs;
+            acc.compute_busy += t.compute_secs;
+            acc.memory_busy += t.memory_secs;
+            acc.kv_used_time += kv_used * t.secs;
+            let step = before.steps + scheduler.stats().steps;
+            if self.config.timeline_every > 0 && step.is_multiple_of(self.config.timeline_every) {
                 let decode_sequences = plan
                     .items
                     .iter()
                     .filter(|i| i.len_tokens == 1 && i.samples)
                     .count() as u64;
-                timeline.push(StepRecord {
+                acc.timeline.push(StepRecord {
                     step,
-                    clock_secs: clock,
+                    clock_secs: acc.clock,
                     step_secs: t.secs,
                     compute_secs: t.compute_secs,
                     memory_secs: t.memory_secs,
@@ -317,45 +438,52 @@ impl<'w> Simulation<'w> {
             let finished =
                 scheduler.complete_step(&plan, |r, generated| generated >= targets[r as usize]);
             for f in finished.iter().chain(&plan.finished) {
-                prompt_tokens += self.workload.requests[f.request as usize].prompt_tokens();
+                acc.prompt_tokens += workload.requests[f.request as usize].prompt_tokens();
             }
-            if step % 256 == 0 {
-                progress(scheduler.stats().finished, total);
+            if step.is_multiple_of(256) {
+                progress(before.finished + scheduler.stats().finished, total);
             }
         }
-        progress(scheduler.stats().finished, total);
         let stats = scheduler.stats();
-        let makespan = clock.max(f64::MIN_POSITIVE);
-        Ok(SimReport {
-            workload: String::new(),
-            model: self.config.model.name.clone(),
-            hardware: self.config.hardware.name.clone(),
-            policy: name.to_string(),
-            executor: self.config.executor.to_string(),
-            token_budget: token_budget_label(token_budget),
-            lengths: format!("{:?}", self.config.lengths),
-            requests: self.workload.len(),
-            finished: stats.finished,
-            rejected: stats.rejected,
-            steps: stats.steps,
-            makespan_secs: clock,
-            prompt_tokens,
-            output_tokens: stats.generated_tokens,
-            output_tokens_per_sec: stats.generated_tokens as f64 / makespan,
-            total_tokens_per_sec: (prompt_tokens + stats.generated_tokens) as f64 / makespan,
-            prefix_hit_ratio: stats.prefix_hit_ratio(),
-            sharing_ratio: self.preparation.tree.sharing_ratio(),
-            kv_utilization: kv_used_time / makespan,
-            compute_utilization: compute_busy / makespan,
-            memory_utilization: memory_busy / makespan,
-            preemptions: stats.preemptions,
-            preempted_tokens: stats.preempted_tokens,
-            optimal_secs: self.bound.secs,
-            percent_of_optimal: 100.0 * self.bound.secs / makespan,
-            schedule_wall_secs,
-            sim_wall_secs: started.elapsed().as_secs_f64(),
-            timeline,
-            rejections: scheduler.rejections().to_vec(),
-        })
+        acc.stats = add_stats(before, stats);
+        progress(acc.stats.finished, total);
+        acc.rejections.extend(
+            scheduler
+                .rejections()
+                .iter()
+                .map(|(r, why)| (indices[*r as usize] as RequestIndex, why.clone())),
+        );
+        Ok(())
+    }
+}
+
+/// What the phases of one simulated run add up to.
+#[derive(Default)]
+struct PhaseTotals {
+    clock: f64,
+    compute_busy: f64,
+    memory_busy: f64,
+    kv_used_time: f64,
+    prompt_tokens: u64,
+    stats: SchedulerStats,
+    timeline: Vec<StepRecord>,
+    rejections: Vec<(RequestIndex, Rejection)>,
+    token_budget: Option<TokenBudget>,
+    policy_build_secs: f64,
+}
+
+fn add_stats(a: SchedulerStats, b: SchedulerStats) -> SchedulerStats {
+    SchedulerStats {
+        steps: a.steps + b.steps,
+        admitted: a.admitted + b.admitted,
+        finished: a.finished + b.finished,
+        rejected: a.rejected + b.rejected,
+        prefix_lookup_tokens: a.prefix_lookup_tokens + b.prefix_lookup_tokens,
+        prefix_hit_tokens: a.prefix_hit_tokens + b.prefix_hit_tokens,
+        prefill_tokens: a.prefill_tokens + b.prefill_tokens,
+        decode_tokens: a.decode_tokens + b.decode_tokens,
+        generated_tokens: a.generated_tokens + b.generated_tokens,
+        preemptions: a.preemptions + b.preemptions,
+        preempted_tokens: a.preempted_tokens + b.preempted_tokens,
     }
 }

@@ -189,6 +189,33 @@ fn known_lengths_and_sampled_estimates_both_run() {
     }
 }
 
+/// The engine's way: the length sample runs alone first. Every request still finishes with its
+/// tokens, the sample's phase costs time (a small batch of long decodes), and a rejected
+/// request keeps its own index.
+#[test]
+fn the_length_sample_phase_costs_time_and_loses_nothing() {
+    let mut workload = trace_blend("azure-code=1,azure-conv=1", 600, 0.5, 5);
+    workload.requests[17].prompt = vec![Chunk::new(workload::Namespace::Unique.id(1 << 40), 9000)];
+    let mut c = config(Executor::Sequential);
+    c.model.max_context_tokens = 8192;
+    c.lengths = LengthKnowledge::default();
+    let free = run(&workload, c.clone(), "blendserve");
+    c.length_sample_phase = true;
+    let phased = run(&workload, c, "blendserve");
+    assert_eq!(phased.finished, free.finished);
+    assert_eq!(phased.finished, 599);
+    assert_eq!(phased.output_tokens, free.output_tokens);
+    assert_eq!(phased.prompt_tokens, free.prompt_tokens);
+    assert_eq!(phased.rejections.len(), 1);
+    assert_eq!(phased.rejections[0].0, 17);
+    assert!(
+        phased.makespan_secs > free.makespan_secs,
+        "{} <= {}",
+        phased.makespan_secs,
+        free.makespan_secs
+    );
+}
+
 /// The acceptance check of the policy core: on real traces blended into compute-heavy and
 /// memory-heavy mixes with prefix sharing, BlendServe (as designed: resource-aware tree, dual
 /// scanner, balanced steps) beats FCFS (vLLM-like) and DFS (SGLang-like) as those systems
