@@ -635,7 +635,7 @@ impl Observer for ResultWriter<'_> {
     fn step(&mut self, report: &StepReport) {
         if let Some(w) = &mut self.timeline {
             let row = TimelineRow {
-                step: report.totals.steps,
+                step: report.totals.scheduler.steps,
                 phase: match report.phase {
                     RunPhase::LengthSample => "length-sample",
                     RunPhase::Main => "main",
@@ -665,7 +665,7 @@ impl Observer for ResultWriter<'_> {
         }
         self.last_bar_update = Instant::now();
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let t = &report.totals;
+        let t = &report.totals.scheduler;
         let kv = &report.kv;
         self.bar.set_message(format!(
             "{}in {:.0} tok/s, out {:.0} tok/s, KV {:.0}%, prefix hit {:.0}%, {} running",
@@ -1095,9 +1095,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         input_tokens_per_sec: in_tokens / elapsed_secs.max(1e-9),
         output_tokens_per_sec: out_tokens / elapsed_secs.max(1e-9),
         total_tokens_per_sec: (in_tokens + out_tokens) / elapsed_secs.max(1e-9),
-        prefix_hit_ratio: stats.prefix_hit_ratio(),
-        steps: stats.steps,
-        preemptions: stats.preemptions,
+        prefix_hit_ratio: stats.scheduler.prefix_hit_ratio(),
+        steps: stats.scheduler.steps,
+        preemptions: stats.scheduler.preemptions,
         kv_blocks: num_kv_blocks,
         sample_requests: stats.sample_requests,
         sample_secs: stats.sample_secs,

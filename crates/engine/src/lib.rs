@@ -158,37 +158,13 @@ impl<F: FnMut(Generation)> Observer for F {
 /// Counters of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EngineStats {
-    pub steps: u64,
-    pub prefix_lookup_tokens: u64,
-    pub prefix_hit_tokens: u64,
-    pub prefill_tokens: u64,
-    pub decode_tokens: u64,
-    pub preemptions: u64,
-    pub generated_tokens: u64,
-    pub finished: u64,
+    /// The scheduler's counters, summed over the run's phases.
+    pub scheduler: SchedulerStats,
+    /// Requests that ended, refused ones included.
+    pub ended: u64,
     /// Requests run in the length-sample phase, and its wall time.
     pub sample_requests: u64,
     pub sample_secs: f64,
-}
-
-impl EngineStats {
-    pub fn prefix_hit_ratio(&self) -> f64 {
-        if self.prefix_lookup_tokens == 0 {
-            0.0
-        } else {
-            self.prefix_hit_tokens as f64 / self.prefix_lookup_tokens as f64
-        }
-    }
-
-    fn add(&mut self, s: &SchedulerStats) {
-        self.steps += s.steps;
-        self.prefix_lookup_tokens += s.prefix_lookup_tokens;
-        self.prefix_hit_tokens += s.prefix_hit_tokens;
-        self.prefill_tokens += s.prefill_tokens;
-        self.decode_tokens += s.decode_tokens;
-        self.preemptions += s.preemptions;
-        self.generated_tokens += s.generated_tokens;
-    }
 }
 
 /// Why `r` cannot run at all, checked before scheduling.
@@ -368,7 +344,7 @@ impl Run<'_> {
         let tokens = std::mem::take(&mut self.generated[r]);
         self.output_tokens[r] = tokens.len() as u32;
         self.ended[r] = Some(end);
-        self.totals.finished += 1;
+        self.totals.ended += 1;
         observer
             .finished(Generation {
                 index: r,
@@ -524,11 +500,9 @@ impl Run<'_> {
                 };
                 self.finish(observer, r, end, None)?;
             }
-            let mut totals = before;
-            totals.add(&sched.stats());
-            totals.finished = self.totals.finished;
-            totals.sample_requests = self.totals.sample_requests;
-            totals.sample_secs = self.totals.sample_secs;
+            let mut totals = self.totals;
+            totals.scheduler = before.scheduler;
+            totals.scheduler += sched.stats();
             let cost = plan.cost(perf);
             observer.step(&StepReport {
                 phase,
@@ -552,10 +526,8 @@ impl Run<'_> {
                 totals,
             });
         }
-        let finished = self.totals.finished;
-        self.totals = before;
-        self.totals.add(&sched.stats());
-        self.totals.finished = finished;
+        self.totals.scheduler = before.scheduler;
+        self.totals.scheduler += sched.stats();
         Ok(())
     }
 }

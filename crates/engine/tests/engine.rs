@@ -127,7 +127,7 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
                 assert!(got[i].replace(g).is_none(), "request {i} finished twice");
             })
             .unwrap();
-            assert_eq!(stats.finished, reqs.len() as u64);
+            assert_eq!(stats.ended, reqs.len() as u64);
             assert_eq!(
                 stats.sample_requests,
                 if policy == "blendserve" { 6 } else { 0 }
@@ -143,12 +143,12 @@ fn engine_output_equals_unbatched_generation_under_every_policy() {
                 );
             }
             assert!(
-                stats.prefix_hit_ratio() > 0.0,
+                stats.scheduler.prefix_hit_ratio() > 0.0,
                 "{policy}/{blocks}: shared system prompts are reused"
             );
             if blocks == 24 {
                 assert!(
-                    stats.preemptions > 0,
+                    stats.scheduler.preemptions > 0,
                     "{policy}: the small cache must preempt"
                 );
             }
@@ -162,13 +162,7 @@ fn bad_requests_are_refused_with_their_index() {
     write_tiny_model(dir.path(), &TinyModelSpec::default()).unwrap();
     let mut model =
         BurnStepModel::new(LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap());
-    let config = EngineConfig {
-        scheduler: SchedulerConfig::default(),
-        policy: PolicyKind::Fcfs,
-        num_kv_blocks: 64,
-        seed: 0,
-        lengths: LengthKnowledge::MaxTokens,
-    };
+    let config = small_engine(PolicyKind::Fcfs, LengthKnowledge::MaxTokens);
     // A token outside the vocabulary, an empty prompt and a prompt longer than the context
     // are refused with the reason; the rest run.
     let mut reqs = requests(64);
@@ -203,6 +197,28 @@ struct Recorder {
     stop_on: u32,
 }
 
+impl Recorder {
+    fn new(stop_on: u32) -> Self {
+        Recorder {
+            ends: Vec::new(),
+            steps: 0,
+            sampled: 0,
+            stop_on,
+        }
+    }
+}
+
+/// Default scheduling, a 64-block cache.
+fn small_engine(policy: PolicyKind, lengths: LengthKnowledge) -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig::default(),
+        policy,
+        num_kv_blocks: 64,
+        seed: 0,
+        lengths,
+    }
+}
+
 impl engine::Observer for Recorder {
     fn finished(&mut self, g: Generation) -> std::io::Result<()> {
         self.ends.push((g.index, g.end, g.tokens.len()));
@@ -211,7 +227,7 @@ impl engine::Observer for Recorder {
     fn step(&mut self, report: &engine::StepReport) {
         self.steps += 1;
         self.sampled += report.sampled_tokens;
-        assert_eq!(report.totals.steps, self.steps);
+        assert_eq!(report.totals.scheduler.steps, self.steps);
     }
     fn stop_text(&mut self, index: usize, generated: &[u32]) -> bool {
         // Request 0 "sees its stop string" at its third token.
@@ -232,23 +248,12 @@ fn trace_lengths_text_stops_and_known_lengths() {
         r.trace_output_tokens = Some(1 + i as u32 % 4);
     }
     for lengths in [LengthKnowledge::Known, LengthKnowledge::MaxTokens] {
-        let config = EngineConfig {
-            scheduler: SchedulerConfig::default(),
-            policy: PolicyKind::parse("blendserve").unwrap(),
-            num_kv_blocks: 64,
-            seed: 0,
-            lengths,
-        };
-        let mut rec = Recorder {
-            ends: Vec::new(),
-            steps: 0,
-            sampled: 0,
-            stop_on: 3,
-        };
+        let config = small_engine(PolicyKind::parse("blendserve").unwrap(), lengths);
+        let mut rec = Recorder::new(3);
         let stats = generate(&mut model, &reqs, &config, &perf(), &mut rec).unwrap();
         assert_eq!(rec.ends.len(), reqs.len());
-        assert_eq!(stats.steps, rec.steps);
-        assert_eq!(stats.generated_tokens, rec.sampled);
+        assert_eq!(stats.scheduler.steps, rec.steps);
+        assert_eq!(stats.scheduler.generated_tokens, rec.sampled);
         for &(i, end, len) in &rec.ends {
             if i == 0 {
                 // Its trace length (1) comes before the stop string (3).
@@ -259,19 +264,8 @@ fn trace_lengths_text_stops_and_known_lengths() {
         }
     }
     reqs[0].trace_output_tokens = Some(10);
-    let config = EngineConfig {
-        scheduler: SchedulerConfig::default(),
-        policy: PolicyKind::Fcfs,
-        num_kv_blocks: 64,
-        seed: 0,
-        lengths: LengthKnowledge::MaxTokens,
-    };
-    let mut rec = Recorder {
-        ends: Vec::new(),
-        steps: 0,
-        sampled: 0,
-        stop_on: 3,
-    };
+    let config = small_engine(PolicyKind::Fcfs, LengthKnowledge::MaxTokens);
+    let mut rec = Recorder::new(3);
     generate(&mut model, &reqs, &config, &perf(), &mut rec).unwrap();
     let first = rec.ends.iter().find(|e| e.0 == 0).unwrap();
     assert_eq!((first.1, first.2), (GenerationEnd::StopText, 3));

@@ -237,6 +237,23 @@ pub struct SchedulerStats {
     pub preempted_tokens: u64,
 }
 
+/// Summing the counters of runs (the engine's and the simulator's phases).
+impl std::ops::AddAssign for SchedulerStats {
+    fn add_assign(&mut self, o: SchedulerStats) {
+        self.steps += o.steps;
+        self.admitted += o.admitted;
+        self.finished += o.finished;
+        self.rejected += o.rejected;
+        self.prefix_lookup_tokens += o.prefix_lookup_tokens;
+        self.prefix_hit_tokens += o.prefix_hit_tokens;
+        self.prefill_tokens += o.prefill_tokens;
+        self.decode_tokens += o.decode_tokens;
+        self.generated_tokens += o.generated_tokens;
+        self.preemptions += o.preemptions;
+        self.preempted_tokens += o.preempted_tokens;
+    }
+}
+
 impl SchedulerStats {
     pub fn prefix_hit_ratio(&self) -> f64 {
         if self.prefix_lookup_tokens == 0 {

@@ -444,8 +444,7 @@ impl<'w> Simulation<'w> {
                 progress(before.finished + scheduler.stats().finished, total);
             }
         }
-        let stats = scheduler.stats();
-        acc.stats = add_stats(before, stats);
+        acc.stats += scheduler.stats();
         progress(acc.stats.finished, total);
         acc.rejections.extend(
             scheduler
@@ -470,20 +469,4 @@ struct PhaseTotals {
     rejections: Vec<(RequestIndex, Rejection)>,
     token_budget: Option<TokenBudget>,
     policy_build_secs: f64,
-}
-
-fn add_stats(a: SchedulerStats, b: SchedulerStats) -> SchedulerStats {
-    SchedulerStats {
-        steps: a.steps + b.steps,
-        admitted: a.admitted + b.admitted,
-        finished: a.finished + b.finished,
-        rejected: a.rejected + b.rejected,
-        prefix_lookup_tokens: a.prefix_lookup_tokens + b.prefix_lookup_tokens,
-        prefix_hit_tokens: a.prefix_hit_tokens + b.prefix_hit_tokens,
-        prefill_tokens: a.prefill_tokens + b.prefill_tokens,
-        decode_tokens: a.decode_tokens + b.decode_tokens,
-        generated_tokens: a.generated_tokens + b.generated_tokens,
-        preemptions: a.preemptions + b.preemptions,
-        preempted_tokens: a.preempted_tokens + b.preempted_tokens,
-    }
 }
