@@ -660,7 +660,9 @@ impl Observer for ResultWriter<'_> {
                 self.timeline = None;
             }
         }
-        if self.last_bar_update.elapsed().as_millis() < 100 {
+        // Without a terminal (logs, batch jobs) the bar is hidden: a log line every 30 s.
+        let every_ms = if self.bar.is_hidden() { 30_000 } else { 100 };
+        if self.last_bar_update.elapsed().as_millis() < every_ms {
             return;
         }
         self.last_bar_update = Instant::now();
@@ -680,6 +682,15 @@ impl Observer for ResultWriter<'_> {
             100.0 * t.prefix_hit_ratio(),
             report.running,
         ));
+        if self.bar.is_hidden() {
+            tracing::info!(
+                "{}/{} requests done, {:.0}s | {}",
+                self.bar.position(),
+                self.bar.length().unwrap_or(0),
+                secs,
+                self.bar.message()
+            );
+        }
     }
 
     fn stop_text(&mut self, index: usize, generated: &[u32]) -> bool {
