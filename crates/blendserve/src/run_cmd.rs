@@ -917,42 +917,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         })
         .collect();
     let skipped = total_entries - entries.len();
+    let entry_lines: Vec<usize> = entries.iter().map(Entry::line).collect();
     if args.resume {
         tracing::info!("resuming: {skipped} results already in the output");
     }
-    let mut sink = match &args.output {
-        Some(path) => {
-            if !args.resume && path.exists() {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("replacing {}", path.display()))?;
-            }
-            Sink::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            )
-        }
-        None => Sink::Stdout {
-            pending: BTreeMap::new(),
-            order: entries.iter().map(Entry::line).collect(),
-            next: 0,
-        },
-    };
+    // Jobs run; lines refused while parsing are written first, once everything is checked.
     let mut jobs = Vec::new();
-    let mut failed_early = 0u64;
+    let mut refused = Vec::new();
     for entry in entries {
         match entry {
             Entry::Job(job) => jobs.push(job),
-            Entry::Error(e) => {
-                failed_early += 1;
-                sink.write(e.line, &error_line(&e))
-                    .context("writing results")?;
-            }
+            Entry::Error(e) => refused.push(e),
         }
     }
+    let failed_early = refused.len() as u64;
 
+    // Load and check every setting before touching the output, so a typo never costs results.
     let t_load = Instant::now();
     let (mut model, memory) = load_model(args, &model_dir, &info.config)?;
     let load_secs = t_load.elapsed().as_secs_f64();
@@ -1003,6 +983,30 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.block_tokens,
         args.policy
     );
+    let mut sink = match &args.output {
+        Some(path) => {
+            if !args.resume && path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("replacing {}", path.display()))?;
+            }
+            Sink::File(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )
+        }
+        None => Sink::Stdout {
+            pending: BTreeMap::new(),
+            order: entry_lines,
+            next: 0,
+        },
+    };
+    for e in &refused {
+        sink.write(e.line, &error_line(e))
+            .context("writing results")?;
+    }
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -258,3 +258,28 @@ fn kill_then_resume_loses_nothing_and_matches_an_uninterrupted_run() {
         .collect();
     assert_eq!(order, (0..300).map(|i| format!("r{i}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_bad_setting_fails_before_the_output_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(&out, "{\"earlier\": \"results\"}\n").unwrap();
+    for bad in [
+        vec!["--token-budget", "greedy"],
+        vec!["--lengths", "psychic"],
+        vec!["--kv-memory-fraction", "1.5"],
+        vec!["--executor", "parallel"],
+    ] {
+        let mut args = vec!["run", "--output", out.to_str().unwrap()];
+        args.extend(&bad);
+        let o = blendserve().args(&args).output().unwrap();
+        assert!(!o.status.success(), "{bad:?} was accepted");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(bad[1]), "{bad:?}: {stderr}");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "{\"earlier\": \"results\"}\n",
+            "{bad:?} touched the output"
+        );
+    }
+}
