@@ -398,7 +398,8 @@ impl Run<'_> {
             },
             Some(perf.clone()),
         )?;
-        let before = self.totals;
+        // The scheduler's counters of earlier phases.
+        let before = self.totals.scheduler;
         // Why each of this phase's requests ends, set when its last token is sampled.
         let mut pending_end: Vec<Option<GenerationEnd>> = vec![None; indices.len()];
         for (k, why) in sched.rejections().to_vec() {
@@ -501,7 +502,7 @@ impl Run<'_> {
                 self.finish(observer, r, end, None)?;
             }
             let mut totals = self.totals;
-            totals.scheduler = before.scheduler;
+            totals.scheduler = before;
             totals.scheduler += sched.stats();
             let cost = plan.cost(perf);
             observer.step(&StepReport {
@@ -526,7 +527,7 @@ impl Run<'_> {
                 totals,
             });
         }
-        self.totals.scheduler = before.scheduler;
+        self.totals.scheduler = before;
         self.totals.scheduler += sched.stats();
         Ok(())
     }
