@@ -4,7 +4,7 @@
 //! loses nothing it finished; `--resume` skips the custom_ids already there. At the end the file
 //! is rewritten in input order (atomically, through a temporary file and a rename).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use engine::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{SamplingParams, StepModel, StopCriteria, StopReason, TextTokenizer};
+use rayon::prelude::*;
 use scheduler::{Executor, LengthKnowledge, PerfModel, PolicyKind, SchedulerConfig};
 use serde::Serialize;
 use serde_json::Value;
@@ -350,31 +351,41 @@ fn is_openai_batch(text: &str) -> bool {
 }
 
 fn openai_entries(text: &str, info: &ModelInfo, args: &RunArgs) -> Vec<Entry> {
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    text.lines()
+    // Parsing and tokenizing (chat templates included) run on every core; only the check for
+    // repeated custom_ids runs in line order.
+    let lines: Vec<(usize, &str)> = text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let line = i + 1;
-            let parsed = batch_file::parse_line(line, l).and_then(|r| {
-                if let Some(first) = seen.get(&r.custom_id) {
-                    return Err(LineError {
-                        line,
-                        custom_id: Some(r.custom_id.clone()),
-                        code: "duplicate_custom_id",
-                        message: format!(
-                            "line {line}: custom_id `{}` already names line {first}",
-                            r.custom_id
-                        ),
-                    });
-                }
-                seen.insert(r.custom_id.clone(), line);
-                info.job(r, args)
+        .map(|(i, l)| (i + 1, l))
+        .collect();
+    let mut parsed: Vec<Result<BatchRequest, LineError>> = lines
+        .par_iter()
+        .map(|&(line, l)| batch_file::parse_line(line, l))
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for p in &mut parsed {
+        let Ok(r) = p else { continue };
+        if let Some(first) = seen.get(&r.custom_id) {
+            let message = format!(
+                "line {}: custom_id `{}` already names line {first}",
+                r.line, r.custom_id
+            );
+            *p = Err(LineError {
+                line: r.line,
+                custom_id: Some(r.custom_id.clone()),
+                code: "duplicate_custom_id",
+                message,
             });
-            match parsed {
-                Ok(job) => Entry::Job(job),
-                Err(e) => Entry::Error(e),
-            }
+        } else {
+            seen.insert(r.custom_id.clone(), r.line);
+        }
+    }
+    parsed
+        .into_par_iter()
+        .map(|p| match p.and_then(|r| info.job(r, args)) {
+            Ok(job) => Entry::Job(job),
+            Err(e) => Entry::Error(e),
         })
         .collect()
 }
