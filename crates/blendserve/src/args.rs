@@ -87,3 +87,45 @@ impl WorkloadArgs {
         Ok((workload, source.clone()))
     }
 }
+
+/// Batch-formation limits shared by `sim` and `run`, so the simulator and the engine are set
+/// up alike.
+#[derive(Args, Clone, Debug)]
+pub struct SchedulerArgs {
+    /// Tokens computed per step at most (chunked prefill splits prompts to fit).
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: u32,
+    /// Prefill budget per step: auto (each policy's own: fixed for fcfs/random/dfs, balanced
+    /// for blendserve), fixed (fill max-batch-tokens), balanced (size prefill to the step's
+    /// memory time).
+    #[arg(long, default_value = "auto")]
+    pub token_budget: String,
+    /// Sequences running at once at most.
+    #[arg(long, default_value_t = 1024)]
+    pub max_running: u32,
+    /// KV reserved at admission for running sequences' estimated remaining output, as a ratio
+    /// that starts here and decays to --reserve-ratio-min (SGLang's new_token_ratio).
+    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_init)]
+    pub reserve_ratio_init: f64,
+    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_min)]
+    pub reserve_ratio_min: f64,
+    #[arg(long, default_value_t = 16)]
+    pub block_tokens: u32,
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self) -> Result<scheduler::SchedulerConfig> {
+        Ok(scheduler::SchedulerConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            token_budget: self.token_budget.parse()?,
+            max_running: self.max_running,
+            block_tokens: self.block_tokens,
+            reserve_ratio_init: self.reserve_ratio_init,
+            reserve_ratio_min: self.reserve_ratio_min,
+            enable_prefix_caching: !self.no_prefix_caching,
+            ..scheduler::SchedulerConfig::default()
+        })
+    }
+}

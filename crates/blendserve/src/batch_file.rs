@@ -69,7 +69,8 @@ impl LineError {
 
 /// Body fields that are accepted only at their default value (anything else would change the
 /// result in a way this engine does not implement).
-fn check_default(key: &str, value: &Value) -> Option<String> {
+/// `None` for other fields; for these, whether `value` is the default (or why not).
+fn check_default(key: &str, value: &Value) -> Option<Result<(), String>> {
     let ok = match key {
         "n" | "best_of" => value.as_u64() == Some(1),
         "stream" | "echo" => value.as_bool() == Some(false),
@@ -84,27 +85,12 @@ fn check_default(key: &str, value: &Value) -> Option<String> {
         }
         _ => return None,
     };
-    (!ok).then(|| format!("`{key}` = {value} is not supported"))
+    Some(if ok {
+        Ok(())
+    } else {
+        Err(format!("`{key}` = {value} is not supported"))
+    })
 }
-
-/// Fields accepted only at their default value (see [`check_default`]).
-const DEFAULT_ONLY_FIELDS: &[&str] = &[
-    "n",
-    "best_of",
-    "stream",
-    "echo",
-    "logprobs",
-    "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "suffix",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "stream_options",
-];
 
 /// Fields that carry no meaning for generation here.
 const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
@@ -344,11 +330,10 @@ pub fn parse_line(line: usize, text: &str) -> Result<BatchRequest, LineError> {
             (k, _) if IGNORED_FIELDS.contains(&k) => {}
             ("max_tokens" | "temperature" | "top_p" | "top_k" | "seed" | "stop_token_ids", _) => {}
             (k, _) => {
-                if let Some(message) = check_default(k, v) {
-                    return Err(bad("unsupported_parameter", message));
-                }
-                if DEFAULT_ONLY_FIELDS.contains(&k) {
-                    continue;
+                match check_default(k, v) {
+                    Some(Ok(())) => continue,
+                    Some(Err(message)) => return Err(bad("unsupported_parameter", message)),
+                    None => {}
                 }
                 let message = match (k, endpoint) {
                     ("prompt", Endpoint::Chat) => {

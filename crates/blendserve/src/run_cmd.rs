@@ -19,12 +19,12 @@ use engine::{
 use indicatif::{ProgressBar, ProgressStyle};
 use model::{SamplingParams, StepModel, StopCriteria, StopReason, TextTokenizer};
 use rayon::prelude::*;
-use scheduler::{Executor, LengthKnowledge, PerfModel, PolicyKind, SchedulerConfig};
+use scheduler::{Executor, LengthKnowledge, PerfModel, PolicyKind};
 use serde::Serialize;
 use serde_json::Value;
-use workload::{Chunk, Request, Workload};
+use workload::Workload;
 
-use crate::args::WorkloadArgs;
+use crate::args::{SchedulerArgs, WorkloadArgs};
 use crate::batch_file::{
     self, error_line, success_line, BatchRequest, Completion, Endpoint, LineError, PromptInput,
     Usage,
@@ -53,17 +53,8 @@ pub struct RunArgs {
     /// cpu (burn, f32) or cuda (bf16; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Tokens computed per step at most (chunked prefill splits prompts to fit).
-    #[arg(long, default_value_t = 8192)]
-    pub max_batch_tokens: u32,
-    /// Sequences running at once at most.
-    #[arg(long, default_value_t = 1024)]
-    pub max_running: u32,
-    /// Prefill budget per step: auto (the policy's), fixed, balanced.
-    #[arg(long, default_value = "auto")]
-    pub token_budget: String,
-    #[arg(long, default_value_t = 16)]
-    pub block_tokens: u32,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
     /// Fraction of GPU memory (CPU: of available memory, at most 4 GiB) for weights,
     /// activations and KV cache, as vLLM's gpu_memory_utilization.
     #[arg(long, default_value_t = 0.9)]
@@ -111,8 +102,6 @@ pub struct RunArgs {
     /// Write the final report as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    #[arg(long)]
-    pub no_prefix_caching: bool,
     /// Write one CSV row per step: its work, its measured time and the performance model's
     /// time for the same step (to calibrate the model).
     #[arg(long)]
@@ -758,8 +747,14 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
             if args.random_weights {
                 bail!("--random-weights needs --device cuda");
             }
-            let m = model::LlamaModel::<model::CpuBackend>::load(dir, &Default::default())
-                .with_context(|| format!("loading {}", dir.display()))?;
+            // config.json is already read (`config`); only the weights are left to load.
+            let store = model::WeightStore::open(dir)?;
+            let m = model::LlamaModel::<model::CpuBackend>::from_store(
+                config.clone(),
+                &store,
+                &Default::default(),
+            )
+            .with_context(|| format!("loading {}", dir.display()))?;
             Ok((Box::new(model::BurnStepModel::new(m)), None))
         }
         "cuda" => load_cuda(args, dir, config),
@@ -772,7 +767,8 @@ fn load_cuda(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<
     let m = if args.random_weights {
         model::cuda::CudaLlama::random(config.clone(), 0, 0)?
     } else {
-        model::cuda::CudaLlama::load(dir, 0)
+        let store = model::WeightStore::open(dir)?;
+        model::cuda::CudaLlama::from_store(config.clone(), &store, 0)
             .with_context(|| format!("loading {}", dir.display()))?
     };
     let memory = m.memory_info()?;
@@ -810,12 +806,17 @@ fn kv_blocks(
         );
     }
     let elem = if memory.is_some() { 2.0 } else { 4.0 };
-    let tokens = f64::from(args.max_batch_tokens);
+    let tokens = f64::from(args.scheduler.max_batch_tokens);
     let qkv = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim) as f64;
     let activations = tokens
         * (6.0 * config.hidden_size as f64 + qkv + 3.0 * config.intermediate_size as f64)
         * elem
-        + f64::from(args.max_running.min(args.max_batch_tokens)) * config.vocab_size as f64 * 8.0
+        + f64::from(
+            args.scheduler
+                .max_running
+                .min(args.scheduler.max_batch_tokens),
+        ) * config.vocab_size as f64
+            * 8.0
         + 256.0 * 1024.0 * 1024.0;
     let left = match memory {
         Some((free, total)) => {
@@ -826,14 +827,14 @@ fn kv_blocks(
             budget * args.kv_memory_fraction - activations.min(budget / 4.0)
         }
     };
-    let block_bytes = (kv_bytes_per_token * u64::from(args.block_tokens)) as f64;
+    let block_bytes = (kv_bytes_per_token * u64::from(args.scheduler.block_tokens)) as f64;
     let blocks = (left / block_bytes).floor();
     if blocks < 1.0 {
         bail!(
             "no memory is left for the KV cache (--kv-memory-fraction {}, --max-batch-tokens {}): \
              raise the fraction or lower the batch",
             args.kv_memory_fraction,
-            args.max_batch_tokens
+            args.scheduler.max_batch_tokens
         );
     }
     Ok(blocks.min(f64::from(u32::MAX)) as u32)
@@ -842,11 +843,7 @@ fn kv_blocks(
 fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<PerfModel> {
     let executor: Executor = args.executor.parse()?;
     let overrides = match &args.hardware_config {
-        Some(path) => scheduler::OverrideFile::parse(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| path.display().to_string())?,
+        Some(path) => scheduler::OverrideFile::read(path)?,
         None => scheduler::OverrideFile::default(),
     };
     let hardware = overrides.hardware(args.hardware.as_deref().unwrap_or("h100"))?;
@@ -865,13 +862,7 @@ fn realized_workload(jobs: &[Job], output_tokens: &[u32]) -> Workload {
             .iter()
             .zip(output_tokens)
             .filter(|(_, &n)| n > 0)
-            .map(|(j, &n)| Request {
-                id: j.custom_id.clone(),
-                prompt: j.request.prompt.iter().map(|&t| Chunk::token(t)).collect(),
-                max_tokens: j.request.stop.max_tokens.max(n),
-                output_tokens: Some(n),
-                source: 0,
-            })
+            .map(|(j, &n)| j.request.scheduler_request(Some(n)))
             .collect(),
         sources: vec!["run".into()],
     }
@@ -952,7 +943,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .iter()
         .map(|j| {
             let tokens = j.request.prompt.len() as u64 + u64::from(j.request.stop.max_tokens);
-            tokens.div_ceil(u64::from(args.block_tokens.max(1)))
+            tokens.div_ceil(u64::from(args.scheduler.block_tokens.max(1)))
         })
         .sum::<u64>()
         + 1;
@@ -969,14 +960,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             None => LengthKnowledge::MaxTokens,
         }
     };
-    let scheduler = SchedulerConfig {
-        max_batch_tokens: args.max_batch_tokens,
-        token_budget: args.token_budget.parse()?,
-        max_running: args.max_running,
-        block_tokens: args.block_tokens,
-        enable_prefix_caching: !args.no_prefix_caching,
-        ..SchedulerConfig::default()
-    };
+    let scheduler = args.scheduler.config()?;
     let config = EngineConfig {
         scheduler: scheduler.clone(),
         policy: policy.clone(),
@@ -991,7 +975,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         info.name,
         args.device,
         num_kv_blocks,
-        args.block_tokens,
+        args.scheduler.block_tokens,
         args.policy
     );
     let mut sink = match &args.output {
@@ -1083,8 +1067,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             &realized,
             &tree,
             &perf,
-            args.max_batch_tokens,
-            args.max_running,
+            args.scheduler.max_batch_tokens,
+            args.scheduler.max_running,
         );
         let predicted = if args.predict {
             let mut sim_config =

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scheduler::{Executor, LengthKnowledge, PolicyKind};
 use sim::{SimConfig, Simulation};
 
-use crate::args::WorkloadArgs;
+use crate::args::{SchedulerArgs, WorkloadArgs};
 use crate::table;
 
 #[derive(Args, Debug)]
@@ -41,28 +41,11 @@ pub struct SimArgs {
     /// `blendserve run` does (by default the sample's lengths come for free).
     #[arg(long)]
     pub length_sample_phase: bool,
-    #[arg(long, default_value_t = 8192)]
-    pub max_batch_tokens: u32,
-    /// Prefill budget per step: auto (each policy's own: fixed for fcfs/random/dfs, balanced
-    /// for blendserve), fixed (fill max-batch-tokens), balanced (size prefill to the step's
-    /// memory time).
-    #[arg(long, default_value = "auto")]
-    pub token_budget: String,
-    #[arg(long, default_value_t = 1024)]
-    pub max_running: u32,
-    /// KV reserved at admission for running sequences' estimated remaining output, as a ratio
-    /// that starts here and decays to --reserve-ratio-min (SGLang's new_token_ratio).
-    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_init)]
-    pub reserve_ratio_init: f64,
-    #[arg(long, default_value_t = scheduler::SchedulerConfig::default().reserve_ratio_min)]
-    pub reserve_ratio_min: f64,
-    #[arg(long, default_value_t = 16)]
-    pub block_tokens: u32,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
     /// Fraction of device memory for weights, activations and KV cache.
     #[arg(long, default_value_t = 0.9)]
     pub kv_memory_fraction: f64,
-    #[arg(long)]
-    pub no_prefix_caching: bool,
     /// CSV file for the results (one row per policy and executor).
     #[arg(long, default_value = "sim-results.csv")]
     pub csv: PathBuf,
@@ -81,13 +64,7 @@ pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig>
         args.config.as_deref(),
         executor,
     )?;
-    config.scheduler.max_batch_tokens = args.max_batch_tokens;
-    config.scheduler.max_running = args.max_running;
-    config.scheduler.reserve_ratio_init = args.reserve_ratio_init;
-    config.scheduler.reserve_ratio_min = args.reserve_ratio_min;
-    config.scheduler.token_budget = args.token_budget.parse()?;
-    config.scheduler.block_tokens = args.block_tokens;
-    config.scheduler.enable_prefix_caching = !args.no_prefix_caching;
+    config.scheduler = args.scheduler.config()?;
     config.kv_memory_fraction = args.kv_memory_fraction;
     config.lengths = args.lengths.parse::<LengthKnowledge>()?;
     config.length_sample_phase = args.length_sample_phase;

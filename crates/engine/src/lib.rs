@@ -61,6 +61,17 @@ impl GenerationRequest {
         (self.trace_output_tokens == Some(generated)).then_some(GenerationEnd::TraceLength)
     }
 
+    /// The scheduler's view of this request, with `output_tokens` as its true length if known.
+    pub fn scheduler_request(&self, output_tokens: Option<u32>) -> Request {
+        Request {
+            id: self.id.clone(),
+            prompt: self.prompt.iter().map(|&t| Chunk::token(t)).collect(),
+            max_tokens: self.stop.max_tokens.max(1),
+            output_tokens,
+            source: 0,
+        }
+    }
+
     /// The output length when it is known before running.
     fn known_output_tokens(&self) -> Option<u32> {
         self.trace_output_tokens
@@ -168,34 +179,26 @@ pub struct EngineStats {
 }
 
 /// Why `r` cannot run at all, checked before scheduling.
-fn invalid(r: &GenerationRequest, vocab_size: usize) -> Option<String> {
+fn invalid(r: &GenerationRequest, config: &model::ModelConfig) -> Option<String> {
     if r.prompt.is_empty() {
         return Some("empty prompt".into());
     }
     if r.stop.max_tokens == 0 {
         return Some("max_tokens must be at least 1".into());
     }
-    r.prompt
-        .iter()
-        .find(|&&t| t as usize >= vocab_size)
-        .map(|t| format!("token id {t} is outside the vocabulary of {vocab_size}"))
+    match config.check_token_ids(&r.prompt) {
+        Ok(()) => None,
+        Err(ModelError::Batch(why)) => Some(why),
+        Err(other) => Some(other.to_string()),
+    }
 }
 
 /// The scheduler's view of some requests.
-fn workload_of(requests: &[GenerationRequest], indices: &[usize], known: bool) -> Workload {
+fn workload_of(requests: &[GenerationRequest], indices: &[usize]) -> Workload {
     Workload {
         requests: indices
             .iter()
-            .map(|&i| {
-                let r = &requests[i];
-                Request {
-                    id: r.id.clone(),
-                    prompt: r.prompt.iter().map(|&t| Chunk::token(t)).collect(),
-                    max_tokens: r.stop.max_tokens.max(1),
-                    output_tokens: if known { r.known_output_tokens() } else { None },
-                    source: 0,
-                }
-            })
+            .map(|&i| requests[i].scheduler_request(None))
             .collect(),
         sources: vec!["engine".into()],
     }
@@ -211,10 +214,9 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
     perf: &scheduler::PerfModel,
     observer: &mut O,
 ) -> Result<EngineStats, EngineError> {
-    let vocab_size = model.config().vocab_size;
     let mut valid = Vec::with_capacity(requests.len());
     for (index, r) in requests.iter().enumerate() {
-        match invalid(r, vocab_size) {
+        match invalid(r, model.config()) {
             Some(why) => observer
                 .finished(Generation {
                     index,
@@ -290,7 +292,7 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
             run.totals.sample_requests = chosen.len() as u64;
             run.totals.sample_secs = t0.elapsed().as_secs_f64();
             // Estimate over the tree of every valid request from what the sample produced.
-            let all = workload_of(requests, &valid, false);
+            let all = workload_of(requests, &valid);
             let tree = scheduler::build_tree(&all);
             let observed: Vec<(usize, u32)> = valid
                 .iter()
@@ -372,7 +374,7 @@ impl Run<'_> {
         let requests = self.requests;
         let config = self.config;
         let perf = self.perf;
-        let workload = workload_of(requests, indices, false);
+        let workload = workload_of(requests, indices);
         let preparation = Preparation::with_estimates(&workload, perf, estimates);
         let policy = config.policy.build(&PolicyInput {
             preparation: &preparation,
@@ -507,17 +509,8 @@ impl Run<'_> {
             let cost = plan.cost(perf);
             observer.step(&StepReport {
                 phase,
-                prefill_tokens: plan
-                    .items
-                    .iter()
-                    .filter(|i| i.len_tokens > 1 || !i.samples)
-                    .map(|i| u64::from(i.len_tokens))
-                    .sum(),
-                decode_tokens: plan
-                    .items
-                    .iter()
-                    .filter(|i| i.len_tokens == 1 && i.samples)
-                    .count() as u64,
+                prefill_tokens: plan.prefill_tokens(),
+                decode_tokens: plan.decode_tokens(),
                 sampled_tokens: plan.items.iter().filter(|i| i.samples).count() as u64,
                 running: sched.running().len(),
                 kv: sched.kv_usage(),

@@ -178,7 +178,24 @@ pub struct StepPlan {
     pub finished: Vec<Finished>,
 }
 
+impl ScheduledItem {
+    /// A single-token decode (it samples); anything else computes prompt (or recomputed) tokens.
+    pub fn is_decode(&self) -> bool {
+        self.len_tokens == 1 && self.samples
+    }
+}
+
 impl StepPlan {
+    /// Sequences that decode one token this step.
+    pub fn decode_tokens(&self) -> u64 {
+        self.items.iter().filter(|i| i.is_decode()).count() as u64
+    }
+
+    /// Prompt (and recomputed) tokens computed this step.
+    pub fn prefill_tokens(&self) -> u64 {
+        self.tokens() - self.decode_tokens()
+    }
+
     /// The step's work under the performance model: weights once, plus every item's piece.
     pub fn cost(&self, perf: &PerfModel) -> StepCost {
         let mut cost = perf.step_base_cost();
@@ -758,7 +775,7 @@ impl<'w> Scheduler<'w> {
             debug_assert_eq!(s.phase, Phase::Running);
             debug_assert_eq!(s.computed_tokens, item.start_tokens);
             s.computed_tokens += u64::from(item.len_tokens);
-            if item.len_tokens == 1 && item.samples {
+            if item.is_decode() {
                 self.stats.decode_tokens += 1;
             } else {
                 self.stats.prefill_tokens += u64::from(item.len_tokens);

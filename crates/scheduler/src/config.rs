@@ -254,6 +254,14 @@ fn preset_or_error<T>(
 }
 
 impl OverrideFile {
+    /// Reads and parses a TOML file; errors name it.
+    pub fn read(path: &std::path::Path) -> Result<OverrideFile, SchedulerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SchedulerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        OverrideFile::parse(&text)
+            .map_err(|e| SchedulerError::Config(format!("{}: {e}", path.display())))
+    }
+
     pub fn parse(text: &str) -> Result<OverrideFile, SchedulerError> {
         toml::from_str(text).map_err(|e| SchedulerError::Config(format!("override file: {e}")))
     }

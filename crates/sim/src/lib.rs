@@ -59,13 +59,7 @@ impl SimConfig {
         executor: Executor,
     ) -> Result<SimConfig, SchedulerError> {
         let file = match overrides {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    SchedulerError::Config(format!("cannot read {}: {e}", path.display()))
-                })?;
-                scheduler::OverrideFile::parse(&text)
-                    .map_err(|e| SchedulerError::Config(format!("{}: {e}", path.display())))?
-            }
+            Some(path) => scheduler::OverrideFile::read(path)?,
             None => scheduler::OverrideFile::default(),
         };
         Ok(SimConfig::new(
@@ -418,18 +412,14 @@ impl<'w> Simulation<'w> {
             acc.kv_used_time += kv_used * t.secs;
             let step = before.steps + scheduler.stats().steps;
             if self.config.timeline_every > 0 && step.is_multiple_of(self.config.timeline_every) {
-                let decode_sequences = plan
-                    .items
-                    .iter()
-                    .filter(|i| i.len_tokens == 1 && i.samples)
-                    .count() as u64;
+                let decode_sequences = plan.decode_tokens();
                 acc.timeline.push(StepRecord {
                     step,
                     clock_secs: acc.clock,
                     step_secs: t.secs,
                     compute_secs: t.compute_secs,
                     memory_secs: t.memory_secs,
-                    prefill_tokens: plan.tokens() - decode_sequences,
+                    prefill_tokens: plan.prefill_tokens(),
                     decode_sequences,
                     running: scheduler.running().len(),
                     kv_used_fraction: kv_used,
