@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use model::cuda::CudaLlama;
+use model::cuda::{CudaLlama, PrefillKernel, WgmmaVariant};
 use model::{CudaStepModel, ForwardBatch, ModelConfig, SequenceChunk, StepModel};
 use serde_json::json;
 
@@ -158,34 +158,78 @@ fn main() {
     }
     out.insert("decode_attention".into(), json!(decode));
 
-    // Paged prefill attention: `seqs` sequences of `len` new tokens from position 0, causal.
-    let cases: &[(usize, usize)] = if quick {
-        &[(1, 2048)]
+    // Paged prefill attention: `seqs` sequences of `len` new tokens at position `start`, causal.
+    // Every case runs both kernels on the same random inputs: the default (wgmma on an H100) is
+    // timed and compared with the mma.sync kernel, element by element.
+    let cases: &[(usize, usize, usize)] = if quick {
+        &[(1, 0, 2048), (1, 4096, 512)]
     } else {
         &[
-            (1, 512),
-            (1, 1024),
-            (1, 2048),
-            (1, 4096),
-            (1, 8192),
-            (4, 2048),
+            (1, 0, 512),
+            (1, 0, 1024),
+            (1, 0, 2048),
+            (1, 0, 4096),
+            (1, 0, 8192),
+            (4, 0, 2048),
+            (1, 4096, 512),
+            (8, 2048, 256),
         ]
     };
+    let default_kernel = one.prefill_kernel();
+    eprintln!("prefill kernel: {default_kernel:?}");
+    // The default first, then every other kernel this GPU runs, compared with mma.sync.
+    let mut kernels = vec![default_kernel, PrefillKernel::MmaSync];
+    for variant in WgmmaVariant::all() {
+        let k = PrefillKernel::Wgmma(variant);
+        if !kernels.contains(&k) && one.set_prefill_kernel(k).is_ok() {
+            kernels.push(k);
+        }
+    }
     let mut prefill = Vec::new();
-    for &(seqs, len) in cases {
-        let bt = batch(seqs, 0, len, cache.num_blocks(), false);
-        let secs = one
-            .time_attention(&bt, &cache, 10)
-            .expect("prefill attention");
-        // Causal: half of the 4 * len^2 * d * heads FLOPs of full attention.
-        let flops = seqs as f64 * 2.0 * (len * len) as f64 * 128.0 * 32.0;
-        eprintln!(
-            "prefill attention {seqs}x{len}: {:.1} us, {:.0} TFLOP/s",
-            secs * 1e6,
-            flops / secs / 1e12
-        );
-        prefill
-            .push(json!({"seqs": seqs, "len": len, "secs": secs, "tflops": flops / secs / 1e12}));
+    for &(seqs, start, len) in cases {
+        let bt = batch(seqs, start, len, cache.num_blocks(), false);
+        one.randomize_attention_inputs(&bt, &cache, 7)
+            .expect("random inputs");
+        let rows = seqs * len;
+        let mut runs = Vec::new();
+        for &kernel in &kernels {
+            one.set_prefill_kernel(kernel).expect("kernel");
+            let secs = one
+                .time_attention(&bt, &cache, 10)
+                .expect("prefill attention");
+            runs.push((kernel, secs, one.attention_output(rows).expect("output")));
+        }
+        one.set_prefill_kernel(default_kernel).expect("kernel");
+        // Causal: query i of the chunk sees start + i + 1 keys; 4 * d * heads FLOPs a key.
+        let flops =
+            seqs as f64 * 4.0 * 128.0 * 32.0 * len as f64 * (start as f64 + len as f64 / 2.0);
+        let reference = &runs[1].2;
+        let variants: Vec<_> = runs
+            .iter()
+            .map(|(kernel, secs, got)| {
+                let max_abs_diff = got
+                    .iter()
+                    .zip(reference)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                let non_finite = got.iter().filter(|x| !x.is_finite()).count();
+                eprintln!(
+                    "prefill attention {seqs}x{len}@{start} {kernel:?}: {:.1} us, {:.0} TFLOP/s, \
+                     max |diff| vs mma.sync {max_abs_diff:.2e}, {non_finite} non-finite",
+                    secs * 1e6,
+                    flops / secs / 1e12,
+                );
+                json!({"kernel": format!("{kernel:?}"), "secs": secs,
+                       "tflops": flops / secs / 1e12,
+                       "max_abs_diff_vs_mma_sync": max_abs_diff, "non_finite": non_finite})
+            })
+            .collect();
+        let secs = runs[0].1;
+        prefill.push(json!({
+            "seqs": seqs, "start": start, "len": len, "secs": secs,
+            "tflops": flops / secs / 1e12, "kernel": format!("{default_kernel:?}"),
+            "variants": variants,
+        }));
     }
     out.insert("prefill_attention".into(), json!(prefill));
     drop(cache);
@@ -230,7 +274,24 @@ fn main() {
             "{kind} step seqs={seqs} start={start} tokens={chunk}: {:.2} ms",
             secs * 1e3
         );
-        whole.push(json!({"kind": kind, "seqs": seqs, "start": start, "tokens": chunk, "layers": layers, "secs": secs}));
+        // Where the step's GPU time goes, by operation (summed over the layers).
+        let profile = full.profile_step(&bt).expect("profile");
+        let profiled: f64 = profile.iter().map(|(_, secs)| secs).sum();
+        for (op, op_secs) in &profile {
+            eprintln!(
+                "    {op:22} {:8.3} ms ({:4.1}%)",
+                op_secs * 1e3,
+                100.0 * op_secs / profiled
+            );
+        }
+        let profile: serde_json::Map<String, serde_json::Value> = profile
+            .into_iter()
+            .map(|(op, secs)| (op.to_string(), json!(secs)))
+            .collect();
+        whole.push(
+            json!({"kind": kind, "seqs": seqs, "start": start, "tokens": chunk,
+                          "layers": layers, "secs": secs, "profile_secs": profile}),
+        );
     }
     out.insert("steps".into(), json!(whole));
     println!("{}", serde_json::Value::Object(out));

@@ -124,6 +124,16 @@ mod cuda_step {
             let cache = self.cache.as_mut().ok_or_else(no_cache)?;
             self.model.forward(batch, cache)
         }
+
+        /// GPU seconds of each kind of operation in one step (see
+        /// [`CudaLlama::profile_forward`]).
+        pub fn profile_step(
+            &mut self,
+            batch: &ForwardBatch,
+        ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+            let cache = self.cache.as_mut().ok_or_else(no_cache)?;
+            self.model.profile_forward(batch, cache)
+        }
     }
 
     impl StepModel for CudaStepModel {

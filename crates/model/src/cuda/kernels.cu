@@ -22,9 +22,21 @@ __device__ __forceinline__ bf16_t f2bf(float f) {
 
 __device__ __forceinline__ float round_bf(float f) { return bf2f(f2bf(f)); }
 
-// Two floats to a bf16x2 word: `lo` in the low half.
+// Two floats to a bf16x2 word: `lo` in the low half. One instruction (round to nearest even,
+// as f2bf) instead of two software roundings.
 __device__ __forceinline__ u32 pack_bf2(float lo, float hi) {
-    return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+#define NEG_INF __int_as_float(0xff800000u)
+
+// 2^x, flushing denormals (MUFU.EX2 alone, without exp2f's denormal fix-up).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -63,39 +75,69 @@ extern "C" __global__ void gather_rows(bf16_t* __restrict__ out, const bf16_t* _
     for (int i = threadIdx.x; i < width / 8; i += blockDim.x) dst[i] = src[i];
 }
 
+// Eight bf16 values in 16 bytes (one vector load or store).
+union Bf16x8 {
+    uint4 v;
+    bf16_t h[8];
+};
+
 // With `delta`: x = bf16(x + delta) (the residual add). Then out = bf16(w * bf16(x * rms(x))).
-// One block per row.
+// One block per row; 16-byte accesses (`hidden` a multiple of 8).
 extern "C" __global__ void add_rms_norm(bf16_t* __restrict__ out, bf16_t* __restrict__ x,
                                         const bf16_t* __restrict__ delta,
                                         const bf16_t* __restrict__ weight, int hidden, float eps) {
     size_t base = (size_t)blockIdx.x * hidden;
+    uint4* xv = (uint4*)(x + base);
+    const uint4* dv = (const uint4*)(delta + base);
+    const int chunks = hidden / 8;
     float sum_sq = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = bf2f(x[base + i]);
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+        Bf16x8 a;
+        a.v = xv[i];
         if (delta != 0) {
-            v = round_bf(v + bf2f(delta[base + i]));
-            x[base + i] = f2bf(v);
+            Bf16x8 b;
+            b.v = dv[i];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) a.h[k] = f2bf(bf2f(a.h[k]) + bf2f(b.h[k]));
+            xv[i] = a.v;
         }
-        sum_sq += v * v;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float v = bf2f(a.h[k]);
+            sum_sq += v * v;
+        }
     }
     float inv_rms = rsqrtf(block_sum(sum_sq) / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = bf2f(x[base + i]);
-        out[base + i] = f2bf(bf2f(weight[i]) * round_bf(v * inv_rms));
+    uint4* ov = (uint4*)(out + base);
+    const uint4* wv = (const uint4*)weight;
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+        Bf16x8 a, w, r;
+        a.v = xv[i];
+        w.v = wv[i];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) r.h[k] = f2bf(bf2f(w.h[k]) * round_bf(bf2f(a.h[k]) * inv_rms));
+        ov[i] = r.v;
     }
 }
 
 // out = bf16(bf16(silu(gate)) * up) over [tokens, inter] from gate|up [tokens, 2 * inter].
+// Grid (chunks of 8 columns / blockDim, rows at a time); 16-byte accesses (`inter` a multiple
+// of 8).
 extern "C" __global__ void silu_mul(bf16_t* __restrict__ out, const bf16_t* __restrict__ gate_up,
                                     int tokens, int inter) {
-    size_t total = (size_t)tokens * inter;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        size_t row = i / inter, col = i % inter;
-        float g = bf2f(gate_up[row * 2 * inter + col]);
-        float u = bf2f(gate_up[row * 2 * inter + inter + col]);
-        float s = round_bf(g / (1.0f + expf(-g)));
-        out[i] = f2bf(s * u);
+    const int c8 = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c8 >= inter / 8) return;
+    for (size_t row = blockIdx.y; row < (size_t)tokens; row += gridDim.y) {
+        Bf16x8 g, u, r;
+        g.v = ((const uint4*)(gate_up + row * 2 * inter))[c8];
+        u.v = ((const uint4*)(gate_up + row * 2 * inter + inter))[c8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float gv = bf2f(g.h[k]);
+            float sv = round_bf(gv / (1.0f + expf(-gv)));
+            r.h[k] = f2bf(sv * bf2f(u.h[k]));
+        }
+        ((uint4*)(out + row * inter))[c8] = r.v;
     }
 }
 
@@ -115,6 +157,14 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
     float pos = (float)positions[token];
     size_t slot = (size_t)slots[token];
     int half = head_dim / 2;
+    // cos and sin of this position, once per pair (not once per head).
+    __shared__ float cos_s[64], sin_s[64];
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float angle = inv_freq[j] * pos;
+        cos_s[j] = round_bf(cosf(angle));
+        sin_s[j] = round_bf(sinf(angle));
+    }
+    __syncthreads();
     // q and k heads: rotate pairs (j, j + half).
     for (int i = threadIdx.x; i < (heads + kv_heads) * half; i += blockDim.x) {
         int head = i / half, j = i % half;
@@ -124,8 +174,7 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
             x0 = round_bf(x0 + bf2f(bias[c0]));
             x1 = round_bf(x1 + bf2f(bias[c1]));
         }
-        float angle = inv_freq[j] * pos;
-        float c = round_bf(cosf(angle)), s = round_bf(sinf(angle));
+        float c = cos_s[j], s = sin_s[j];
         bf16_t y0 = f2bf(round_bf(x0 * c) + round_bf(-x1 * s));
         bf16_t y1 = f2bf(round_bf(x1 * c) + round_bf(x0 * s));
         if (head < heads) {
@@ -418,7 +467,8 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16_t* const smem = (bf16_t*)smem_raw;
 
-    const int tile = blockIdx.x, h = blockIdx.y;
+    // Heaviest tiles first (each sequence's tiles are listed by rising q0).
+    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;
     const int seq = tile_seq[tile], q0 = tile_q0[tile];
     const int start = seq_start[seq], len = seq_len[seq], row0 = seq_row0[seq];
     const int kvh = h / (heads / kv_heads);
@@ -611,6 +661,350 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
 
 PREFILL_KERNEL(64)
 PREFILL_KERNEL(128)
+
+// ---------------------------------------------------------------------------------------------
+// Paged prefill attention for Hopper (sm_90a): warpgroup MMAs (wgmma) that read Q, K and V
+// straight from shared memory, so no thread loads B fragments (the limit of the mma.sync kernel
+// above: every m16n8k16 there pulls 256 bytes of K or V through the shared-memory pipe).
+//
+// Block (tile, heads): 64 query rows of one chunk for 1, 2 or 4 query heads of one KV group
+// (one warpgroup of 128 threads per head or pair of heads); keys in tiles of 64, double-buffered
+// by cp.async. Tiles of Q, K and V sit in shared memory in
+// wgmma's 128-byte-swizzled layout: [dim / 64][row][64 dims], each 8-row x 128-byte atom with
+// its 16-byte chunks XOR-ed by the row within the atom, atoms 1024-byte aligned.
+//   S = Q K^T:  m64n64k16, A = Q and B = K both K-major descriptors (8 k-steps over the dims).
+//   O += P V:   m64n128k16, A = P from registers (the accumulator layout of S is the A-fragment
+//               layout, as for mma.sync), B = V as an N-major ("transposed") descriptor.
+// The accumulators follow mma.m16n8's C layout per 8 columns: warp w holds rows 16w + g and
+// 16w + g + 8 (g = lane / 4), columns 8i + 2t, 8i + 2t + 1 (t = lane % 4) in d[4i .. 4i + 3].
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ unsigned long long wgmma_desc(u32 smem_addr_bytes, u32 lbo_bytes,
+                                                         u32 sbo_bytes) {
+    unsigned long long d = (unsigned long long)((smem_addr_bytes & 0x3FFFFu) >> 4);
+    d |= (unsigned long long)((lbo_bytes & 0x3FFFFu) >> 4) << 16;
+    d |= (unsigned long long)((sbo_bytes & 0x3FFFFu) >> 4) << 32;
+    d |= 1ull << 62;  // 128-byte swizzle
+    return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Shared-memory writes of this thread (cp.async) visible to the async proxy (wgmma).
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving uses of an accumulator across the wgmma that writes it.
+__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+
+__device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+
+// Named barriers 1.. (0 is __syncthreads): wait until `count` threads arrived, or arrive only.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Byte offset of the 16-byte chunk `c16` (dims 8 c16 .. 8 c16 + 7) of `row` in a swizzled
+// 64-row x 128-dim tile.
+__device__ __forceinline__ u32 swizzled_offset(int row, int c16) {
+    return (u32)((c16 >> 3) * (64 * 128) + row * 128 + (((c16 & 7) ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float* d, unsigned long long desc_a,
+                                                      unsigned long long desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float* d, const u32* a,
+                                                         unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+// WGS warpgroups a block, each with HPW query heads of one KV group (done one after the other
+// on each K/V tile): the block's WGS * HPW heads share every K and V tile it loads, so a byte of
+// K/V brought from L2 feeds 64 * WGS * HPW query rows (64 with one head a block, the L2-bound
+// first version).
+template <int WGS, int HPW, bool PINGPONG>
+__device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
+                                         const bf16_t* __restrict__ k_cache,
+                                         const bf16_t* __restrict__ v_cache,
+                                         const u32* __restrict__ block_tables,
+                                         const int* __restrict__ tile_seq,
+                                         const int* __restrict__ tile_q0,
+                                         const int* __restrict__ seq_row0,
+                                         const int* __restrict__ seq_start,
+                                         const int* __restrict__ seq_len,
+                                         const int* __restrict__ seq_table_off, int heads,
+                                         int kv_heads, int block_size, float scale_log2) {
+    constexpr int D = 128, BM = 64, BN = 64, NQ = WGS * HPW, THREADS = 128 * WGS;
+    static_assert(!PINGPONG || WGS == 2, "ping-pong takes two warpgroups");
+    constexpr u32 TILE_BYTES = 64 * D * 2;  // one 64-row tile of Q, K or V
+    constexpr u32 HALF_BYTES = TILE_BYTES / 2;  // dims 0..63 or 64..127 of a tile
+    // NQ Q tiles, then two stages of K and V; 1024 bytes of slack to align the swizzle atoms.
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 sq = (smem_addr(smem_raw) + 1023u) & ~1023u;
+
+    // Heaviest tiles first: the plan lists each sequence's tiles by rising q0, and later tiles
+    // see more keys, so the last wave is short ones.
+    const int tile = gridDim.x - 1 - blockIdx.x, h0 = blockIdx.y * NQ;
+    const int seq = tile_seq[tile], q0 = tile_q0[tile];
+    const int start = seq_start[seq], len = seq_len[seq], row0 = seq_row0[seq];
+    const int kvh = h0 / (heads / kv_heads);
+    const u32* table = block_tables + seq_table_off[seq];
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
+
+    const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+    const int pos_lo = r_lo < len ? start + r_lo : -1;
+    const int pos_hi = r_hi < len ? start + r_hi : -1;
+
+    // Q tiles of the block's heads (rows past the chunk zero-filled).
+    for (int c = threadIdx.x; c < NQ * BM * D / 8; c += THREADS) {
+        int qi = c >> 10, row = (c >> 4) & 63, c16 = c & 15;
+        int r = q0 + row;
+        const bf16_t* src = qkv + (size_t)(row0 + min(r, len - 1)) * qkv_width +
+                            (size_t)(h0 + qi) * D + c16 * 8;
+        cp_async16_to(sq + TILE_BYTES * qi + swizzled_offset(row, c16), src, r < len ? 16 : 0);
+    }
+
+    const int last_q = min(len, q0 + BM) - 1;
+    const int kv_end = start + last_q + 1;
+    const int block_first_pos = start + q0;
+    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
+    auto load_tile = [&](int k0, int stage) {
+        const u32 dk = sq + TILE_BYTES * (NQ + 2 * stage);
+        const u32 dv = dk + TILE_BYTES;
+        for (int c = threadIdx.x; c < BN * D / 8; c += THREADS) {
+            int key = c >> 4, c16 = c & 15;
+            int p = k0 + key;
+            const bf16_t* ks = k_cache;
+            const bf16_t* vs = v_cache;
+            int bytes = 0;
+            if (p < kv_end) {
+                int blk = pow2_blocks ? p >> block_shift : p / block_size;
+                int within = pow2_blocks ? p & (block_size - 1) : p % block_size;
+                size_t slot = (size_t)table[blk] * block_size + within;
+                size_t off = (slot * kv_heads + kvh) * D + c16 * 8;
+                ks = k_cache + off;
+                vs = v_cache + off;
+                bytes = 16;
+            }
+            u32 o = swizzled_offset(key, c16);
+            cp_async16_to(dk + o, ks, bytes);
+            cp_async16_to(dv + o, vs, bytes);
+        }
+        cp_async_commit();
+    };
+
+    float o[HPW][D / 2];
+    float m_lo[HPW], m_hi[HPW], l_lo[HPW], l_hi[HPW];
+#pragma unroll
+    for (int j = 0; j < HPW; ++j) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[j][i] = 0.0f;
+        m_lo[j] = m_hi[j] = -1e30f;
+        l_lo[j] = l_hi[j] = 0.0f;
+    }
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
+
+    const int num_tiles = (kv_end + BN - 1) / BN;
+    load_tile(0, 0);  // same group as Q
+    // The first warpgroup issues first.
+    if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
+    for (int tile_i = 0; tile_i < num_tiles; ++tile_i) {
+        const int k0 = tile_i * BN;
+        if (tile_i + 1 < num_tiles) {
+            load_tile(k0 + BN, (tile_i + 1) & 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const u32 sk = sq + TILE_BYTES * (NQ + 2 * (tile_i & 1));
+        const u32 sv = sk + TILE_BYTES;
+
+        // MMA batches of this warpgroup: S_0, then (P_j V, S_j+1) for each head j, the last
+        // P V alone. With PINGPONG the two warpgroups take turns issuing batches (named
+        // barriers 1 and 2), so one's softmax runs while the other's MMAs do.
+        const bool last_tile = tile_i + 1 == num_tiles;
+        auto issue_s = [&](int j) {
+            const u32 sqj = sq + TILE_BYTES * (wg * HPW + j);
+            // S = Q K^T (64 x 64), 8 k-steps of 16 dims: 32 bytes along a swizzled row, then
+            // the second 64-dim half.
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 koff = (kk >> 2) * HALF_BYTES + (kk & 3) * 32;
+                wgmma_m64n64k16_ss(s, wgmma_desc(sqj + koff, 16, 1024),
+                                   wgmma_desc(sk + koff, 16, 1024), kk > 0);
+            }
+        };
+        if (PINGPONG) named_barrier_sync(1 + wg, 256);
+        wgmma_fence();
+        issue_s(0);
+        wgmma_commit();
+        if (PINGPONG) named_barrier_arrive(2 - wg, 256);
+#pragma unroll
+        for (int j = 0; j < HPW; ++j) {
+            // (Also waits for the previous head's P V.)
+            wgmma_wait_all();
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) reg_fence(s[i]);
+
+            // Online softmax on raw scores: masked keys are -inf (exp2 gives 0), the running
+            // max m is kept scaled (finite from the start, so m - m never makes a NaN), and
+            // one FFMA a score applies the scale and subtracts the max.
+            if (k0 + BN - 1 > block_first_pos) {
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+                    int key = k0 + n * 8 + 2 * t;
+                    if (key > pos_lo) s[4 * n + 0] = NEG_INF;
+                    if (key + 1 > pos_lo) s[4 * n + 1] = NEG_INF;
+                    if (key > pos_hi) s[4 * n + 2] = NEG_INF;
+                    if (key + 1 > pos_hi) s[4 * n + 3] = NEG_INF;
+                }
+            }
+            float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                mx_lo = fmaxf(mx_lo, fmaxf(s[4 * n], s[4 * n + 1]));
+                mx_hi = fmaxf(mx_hi, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+            }
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+            mx_lo = fmaxf(m_lo[j], mx_lo * scale_log2);
+            mx_hi = fmaxf(m_hi[j], mx_hi * scale_log2);
+            const float r_lo_scale = fast_exp2(m_lo[j] - mx_lo);
+            const float r_hi_scale = fast_exp2(m_hi[j] - mx_hi);
+            m_lo[j] = mx_lo;
+            m_hi[j] = mx_hi;
+            float sum_lo = 0.0f, sum_hi = 0.0f;
+            u32 pf[BN / 16][4];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+                float p0 = fast_exp2(fmaf(s[4 * n + 0], scale_log2, -mx_lo));
+                float p1 = fast_exp2(fmaf(s[4 * n + 1], scale_log2, -mx_lo));
+                float p2 = fast_exp2(fmaf(s[4 * n + 2], scale_log2, -mx_hi));
+                float p3 = fast_exp2(fmaf(s[4 * n + 3], scale_log2, -mx_hi));
+                sum_lo += p0 + p1;
+                sum_hi += p2 + p3;
+                int kk = n / 2, half = n % 2;
+                pf[kk][half * 2 + 0] = pack_bf2(p0, p1);
+                pf[kk][half * 2 + 1] = pack_bf2(p2, p3);
+            }
+            l_lo[j] = l_lo[j] * r_lo_scale + sum_lo;
+            l_hi[j] = l_hi[j] * r_hi_scale + sum_hi;
+            // Rescale O only when some row's max moved (after the first tiles, rarely): a
+            // factor of exactly 1 is a no-op, so skipping it changes nothing.
+            if (!__all_sync(0xffffffffu, r_lo_scale == 1.0f && r_hi_scale == 1.0f)) {
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    o[j][4 * n + 0] *= r_lo_scale;
+                    o[j][4 * n + 1] *= r_lo_scale;
+                    o[j][4 * n + 2] *= r_hi_scale;
+                    o[j][4 * n + 3] *= r_hi_scale;
+                }
+            }
+
+            // O += P V: 4 k-steps of 16 keys (2048 bytes: two 8-key atoms); LBO = the next 64
+            // dims, SBO = the next 8 keys. The next head's S = Q K^T queues behind it.
+            if (PINGPONG) named_barrier_sync(1 + wg, 256);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                wgmma_m64n128k16_rs_tb(o[j], pf[kk], wgmma_desc(sv + kk * 2048, HALF_BYTES, 1024));
+            }
+            if (j + 1 < HPW) issue_s(j + 1);
+            wgmma_commit();
+            // The second warpgroup's very last batch has no turn to hand over.
+            if (PINGPONG && !(wg == 1 && last_tile && j + 1 == HPW)) {
+                named_barrier_arrive(2 - wg, 256);
+            }
+        }
+        wgmma_wait_all();
+#pragma unroll
+        for (int j = 0; j < HPW; ++j) {
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) reg_fence(o[j][i]);
+        }
+        __syncthreads();
+    }
+
+    const size_t out_width = (size_t)heads * D;
+#pragma unroll
+    for (int j = 0; j < HPW; ++j) {
+        const int h = h0 + wg * HPW + j;
+        float sl = l_lo[j], sh = l_hi[j];
+        sl += __shfl_xor_sync(0xffffffffu, sl, 1);
+        sl += __shfl_xor_sync(0xffffffffu, sl, 2);
+        sh += __shfl_xor_sync(0xffffffffu, sh, 1);
+        sh += __shfl_xor_sync(0xffffffffu, sh, 2);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            int d = n * 8 + 2 * t;
+            if (pos_lo >= 0) {
+                u32* dst = (u32*)(out + (size_t)(row0 + r_lo) * out_width + (size_t)h * D + d);
+                *dst = pack_bf2(o[j][4 * n + 0] / sl, o[j][4 * n + 1] / sl);
+            }
+            if (pos_hi >= 0) {
+                u32* dst = (u32*)(out + (size_t)(row0 + r_hi) * out_width + (size_t)h * D + d);
+                *dst = pack_bf2(o[j][4 * n + 2] / sh, o[j][4 * n + 3] / sh);
+            }
+        }
+    }
+}
+
+// paged_prefill_wgmma_h{WGS}x{HPW}[_pingpong]: grid (tiles, heads / (WGS * HPW)), 128 * WGS
+// threads.
+#define PREFILL_WGMMA_KERNEL(NAME, WGS, HPW, PINGPONG, MIN_BLOCKS)                               \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, MIN_BLOCKS) NAME(                                                      \
+            bf16_t* out, const bf16_t* qkv, const bf16_t* k_cache, const bf16_t* v_cache,        \
+            const u32* block_tables, const int* tile_seq, const int* tile_q0,                    \
+            const int* seq_row0, const int* seq_start, const int* seq_len,                       \
+            const int* seq_table_off, int heads, int kv_heads, int block_size,                   \
+            float scale_log2) {                                                                  \
+        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG>(out, qkv, k_cache, v_cache, block_tables, tile_seq,  \
+                                           tile_q0, seq_row0, seq_start, seq_len,                \
+                                           seq_table_off, heads, kv_heads, block_size,           \
+                                           scale_log2);                                          \
+    }
+
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x1, 1, 1, false, 2)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x2, 1, 2, false, 2)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1, 2, 1, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2, 2, 2, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_pingpong, 2, 1, true, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2_pingpong, 2, 2, true, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1, 4, 1, false, 1)
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Greedy sampling: out[r] = argmax of logits row r (f32, [rows, vocab]); ties to the lowest id.
 extern "C" __global__ void argmax_rows(u32* __restrict__ out, const float* __restrict__ logits,

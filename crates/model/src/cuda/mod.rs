@@ -2,8 +2,9 @@
 //! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels.cu`, compiled
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
 //! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
-//! on tensor cores. Everything runs on one CUDA stream, in order, with no host synchronisation
-//! inside a step.
+//! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128; see
+//! [`PrefillKernel`]) or `mma.sync` elsewhere. Everything runs on one CUDA stream, in order,
+//! with no host synchronisation inside a step.
 //!
 //! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
 //! its streams private (non-blocking, created per thread, no accessor), so mixing the two would
@@ -32,9 +33,94 @@ const PREFILL_TILE_ROWS: usize = 64;
 /// Keys per prefill attention tile (`BN` in `kernels.cu`).
 const PREFILL_TILE_KEYS: usize = 64;
 
-/// Dynamic shared memory of the prefill kernel: two stages of K and V tiles, rows padded by 8.
+/// Dynamic shared memory of the mma.sync prefill kernel: two stages of K and V tiles, rows
+/// padded by 8.
 fn prefill_smem_bytes(head_dim: usize) -> usize {
     2 * 2 * PREFILL_TILE_KEYS * (head_dim + 8) * 2
+}
+
+/// Head dimension of the Hopper (wgmma) prefill kernel.
+const WGMMA_HEAD_DIM: usize = 128;
+
+/// The wgmma prefill kernels: the variant and its kernel name. All heads of a block belong to
+/// one KV group and share each K and V tile the block loads.
+const WGMMA_VARIANTS: [(WgmmaVariant, &str); 7] = [
+    (WgmmaVariant::new(1, 1, false), "paged_prefill_wgmma_h1x1"),
+    (WgmmaVariant::new(1, 2, false), "paged_prefill_wgmma_h1x2"),
+    (WgmmaVariant::new(2, 1, false), "paged_prefill_wgmma_h2x1"),
+    (WgmmaVariant::new(2, 2, false), "paged_prefill_wgmma_h2x2"),
+    (
+        WgmmaVariant::new(2, 1, true),
+        "paged_prefill_wgmma_h2x1_pingpong",
+    ),
+    (
+        WgmmaVariant::new(2, 2, true),
+        "paged_prefill_wgmma_h2x2_pingpong",
+    ),
+    (WgmmaVariant::new(4, 1, false), "paged_prefill_wgmma_h4x1"),
+];
+
+/// The wgmma variants the model takes by default, best first (as measured in
+/// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group wins.
+const WGMMA_PREFERENCE: [WgmmaVariant; 2] = [
+    WgmmaVariant::new(2, 1, false),
+    WgmmaVariant::new(1, 1, false),
+];
+
+/// Dynamic shared memory of a wgmma prefill kernel with `heads_per_block`: a Q tile per head
+/// and two stages of K and V tiles (64 rows x 128 dims each), plus 1024 bytes to align the
+/// swizzle atoms.
+fn wgmma_prefill_smem_bytes(heads_per_block: usize) -> usize {
+    (heads_per_block + 4) * PREFILL_TILE_ROWS * WGMMA_HEAD_DIM * 2 + 1024
+}
+
+/// Which kernel runs prefill attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `mma.sync` tensor-core kernel (compute capability 8.0 and newer, head dim 64 or 128).
+    MmaSync,
+    /// Hopper warpgroup MMAs from shared memory (compute capability 9.0, head dim 128).
+    Wgmma(WgmmaVariant),
+}
+
+/// Shape of a wgmma prefill block: `warpgroups` (128 threads each), each taking
+/// `heads_per_warpgroup` query heads one after the other; with `pingpong` the two warpgroups
+/// take turns issuing MMAs so that one's softmax overlaps the other's MMAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WgmmaVariant {
+    pub warpgroups: usize,
+    pub heads_per_warpgroup: usize,
+    pub pingpong: bool,
+}
+
+impl WgmmaVariant {
+    pub const fn new(warpgroups: usize, heads_per_warpgroup: usize, pingpong: bool) -> Self {
+        WgmmaVariant {
+            warpgroups,
+            heads_per_warpgroup,
+            pingpong,
+        }
+    }
+
+    /// Query heads a block.
+    pub fn heads_per_block(&self) -> usize {
+        self.warpgroups * self.heads_per_warpgroup
+    }
+
+    /// Every variant compiled into the kernels.
+    pub fn all() -> impl Iterator<Item = WgmmaVariant> {
+        WGMMA_VARIANTS.iter().map(|&(v, _)| v)
+    }
+}
+
+/// NVRTC's target for compute capability `major.minor`: Hopper gets `sm_90a`, which its
+/// warpgroup MMA instructions need.
+fn nvrtc_arch(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    }
 }
 
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> ModelError {
@@ -43,7 +129,7 @@ pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> ModelError {
 
 /// `kernels.cu` as PTX for compute capability `major.minor`.
 pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, ModelError> {
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let arch: &'static str = Box::leak(nvrtc_arch(major, minor).into_boxed_str());
     compile_ptx_with_opts(
         KERNELS_SRC,
         CompileOptions {
@@ -71,6 +157,8 @@ struct Kernels {
     decode: HashMap<(usize, usize), CudaFunction>,
     decode_reduce: CudaFunction,
     prefill: HashMap<usize, CudaFunction>,
+    /// Present on compute capability 9.0 (compiled for `sm_90a` only).
+    prefill_wgmma: HashMap<WgmmaVariant, CudaFunction>,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
 }
@@ -110,6 +198,18 @@ impl Kernels {
             .map_err(|e| cuda_err("prefill kernel shared memory", e))?;
             prefill.insert(d, func);
         }
+        let mut prefill_wgmma = HashMap::new();
+        if (major, minor) == (9, 0) {
+            for (variant, name) in WGMMA_VARIANTS {
+                let func = f(name)?;
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    wgmma_prefill_smem_bytes(variant.heads_per_block()) as i32,
+                )
+                .map_err(|e| cuda_err("wgmma prefill kernel shared memory", e))?;
+                prefill_wgmma.insert(variant, func);
+            }
+        }
         Ok(Kernels {
             gather_rows: f("gather_rows")?,
             add_rms_norm: f("add_rms_norm")?,
@@ -118,6 +218,7 @@ impl Kernels {
             decode,
             decode_reduce: f("paged_decode_reduce")?,
             prefill,
+            prefill_wgmma,
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             _module: module,
@@ -335,6 +436,7 @@ pub struct CudaLlama {
     inv_freq: CudaSlice<f32>,
     /// Multiprocessors, for sizing the decode split.
     sm_count: usize,
+    prefill_kernel: PrefillKernel,
     hidden: Scratch<u16>,
     normed: Scratch<u16>,
     qkv_buf: Scratch<u16>,
@@ -350,6 +452,8 @@ pub struct CudaLlama {
     part_ml: Scratch<f32>,
     /// Rows of logits the last step produced.
     last_logit_rows: usize,
+    /// While [`CudaLlama::profile_forward`] runs: an event after each operation, with its name.
+    profile: std::cell::RefCell<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
 }
 
 fn bf16_bits(values: &[f32]) -> Vec<u16> {
@@ -401,6 +505,16 @@ impl CudaLlama {
         let empty = stream
             .alloc_zeros::<u16>(1)
             .map_err(|e| cuda_err("alloc", e))?;
+        // The default wgmma variant, or one with fewer heads a block when the KV group is
+        // small (a block's heads must share one KV head).
+        let prefill_kernel = WGMMA_PREFERENCE
+            .into_iter()
+            .find(|v| {
+                c.head_dim == WGMMA_HEAD_DIM
+                    && group.is_multiple_of(v.heads_per_block())
+                    && kernels.prefill_wgmma.contains_key(v)
+            })
+            .map_or(PrefillKernel::MmaSync, PrefillKernel::Wgmma);
         let model = CudaLlama {
             ctx,
             stream: stream.clone(),
@@ -412,6 +526,7 @@ impl CudaLlama {
             layers: Vec::new(),
             inv_freq,
             sm_count,
+            prefill_kernel,
             hidden: Scratch::new(),
             normed: Scratch::new(),
             qkv_buf: Scratch::new(),
@@ -426,6 +541,7 @@ impl CudaLlama {
             part_acc: Scratch::new(),
             part_ml: Scratch::new(),
             last_logit_rows: 0,
+            profile: std::cell::RefCell::new(None),
             config,
         };
         Ok((model, stream))
@@ -576,6 +692,34 @@ impl CudaLlama {
         &self.config
     }
 
+    /// The kernel prefill attention runs on (the fastest this GPU and head size allow, unless
+    /// set otherwise).
+    pub fn prefill_kernel(&self) -> PrefillKernel {
+        self.prefill_kernel
+    }
+
+    /// Chooses the prefill attention kernel (benchmarks compare them); an error if this GPU or
+    /// head size cannot run it.
+    pub fn set_prefill_kernel(&mut self, kernel: PrefillKernel) -> Result<(), ModelError> {
+        if let PrefillKernel::Wgmma(variant) = kernel {
+            let c = &self.config;
+            let group = c.num_heads / c.num_kv_heads;
+            if !self.kernels.prefill_wgmma.contains_key(&variant)
+                || c.head_dim != WGMMA_HEAD_DIM
+                || !group.is_multiple_of(variant.heads_per_block())
+            {
+                return Err(ModelError::Cuda(format!(
+                    "no wgmma prefill kernel {variant:?} for head_dim {} and KV group {group} \
+                     (it needs compute capability 9.0, head_dim {WGMMA_HEAD_DIM}, and the \
+                     block's heads dividing the group)",
+                    c.head_dim
+                )));
+            }
+        }
+        self.prefill_kernel = kernel;
+        Ok(())
+    }
+
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -634,6 +778,52 @@ impl CudaLlama {
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("stream synchronize", e))
+    }
+
+    /// Under [`CudaLlama::profile_forward`], records that the operation `what` was issued
+    /// last (an event on the stream); otherwise nothing.
+    fn mark(&self, what: &'static str) -> Result<(), ModelError> {
+        if let Some(events) = self.profile.borrow_mut().as_mut() {
+            let event = self
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err("event", e))?;
+            event
+                .record(&self.stream)
+                .map_err(|e| cuda_err("event", e))?;
+            events.push((what, event));
+        }
+        Ok(())
+    }
+
+    /// GPU seconds of each kind of operation in one [`CudaLlama::forward`] of `batch` (events
+    /// between operations, summed by name over the layers; waits for the GPU). The event
+    /// records add a little time of their own.
+    pub fn profile_forward(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &mut CudaKvCache,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        self.synchronize()?;
+        *self.profile.borrow_mut() = Some(Vec::new());
+        self.mark("start")?;
+        let run = self.forward(batch, cache);
+        let events = self.profile.borrow_mut().take().unwrap_or_default();
+        run?;
+        self.synchronize()?;
+        let mut totals: Vec<(&'static str, f64)> = Vec::new();
+        for pair in events.windows(2) {
+            let ms = pair[0]
+                .1
+                .elapsed_ms(&pair[1].1)
+                .map_err(|e| cuda_err("event", e))?;
+            let name = pair[1].0;
+            match totals.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, secs)) => *secs += f64::from(ms) / 1e3,
+                None => totals.push((name, f64::from(ms) / 1e3)),
+            }
+        }
+        Ok(totals)
     }
 
     fn launch(
@@ -746,6 +936,7 @@ impl CudaLlama {
             &[Ptr(x), Ptr(embed), Ptr(at(plan.tokens)), I32(hidden_i)],
             "gather_rows (embedding)",
         )?;
+        self.mark("embedding")?;
         for (l, layer) in self.layers.iter().enumerate() {
             let norm_w = raw_ptr(&layer.input_norm, &stream);
             // The residual add of the previous layer's MLP, then this layer's input norm.
@@ -764,6 +955,7 @@ impl CudaLlama {
                 ],
                 "add_rms_norm",
             )?;
+            self.mark("add + rms_norm")?;
             self.gemm.bf16(
                 qkv,
                 normed,
@@ -773,6 +965,7 @@ impl CudaLlama {
                 qkv_width,
                 false,
             )?;
+            self.mark("gemm qkv")?;
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| raw_ptr(b, &stream));
             let (kc, vc) = (
                 raw_ptr(&cache.keys[l], &stream),
@@ -798,7 +991,9 @@ impl CudaLlama {
                 ],
                 "rope_write_kv",
             )?;
+            self.mark("rope + kv write")?;
             self.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split)?;
+            self.mark("attention")?;
             self.gemm.bf16(
                 delta,
                 attn,
@@ -808,6 +1003,7 @@ impl CudaLlama {
                 h,
                 false,
             )?;
+            self.mark("gemm o")?;
             let post = raw_ptr(&layer.post_norm, &stream);
             self.launch(
                 &self.kernels.add_rms_norm,
@@ -823,6 +1019,7 @@ impl CudaLlama {
                 ],
                 "add_rms_norm",
             )?;
+            self.mark("add + rms_norm")?;
             self.gemm.bf16(
                 gate_up,
                 normed,
@@ -832,15 +1029,16 @@ impl CudaLlama {
                 2 * inter,
                 false,
             )?;
+            self.mark("gemm gate_up")?;
             let (n_i, inter_i) = (n as i32, inter as i32);
-            let blocks = ((n * inter).div_ceil(256) as u32).min(8 * self.sm_count as u32);
             self.launch(
                 &self.kernels.silu_mul,
-                (blocks, 1, 1),
+                ((inter / 8).div_ceil(256) as u32, n.min(65535) as u32, 1),
                 256,
                 &[Ptr(act), Ptr(gate_up), I32(n_i), I32(inter_i)],
                 "silu_mul",
             )?;
+            self.mark("silu_mul")?;
             self.gemm.bf16(
                 delta,
                 act,
@@ -850,6 +1048,7 @@ impl CudaLlama {
                 h,
                 false,
             )?;
+            self.mark("gemm down")?;
         }
         // Last residual add and the final norm, then the rows that want logits.
         let final_norm = raw_ptr(&self.norm, &stream);
@@ -887,6 +1086,7 @@ impl CudaLlama {
             self.gemm
                 .bf16(logits, selected, head, rows, h, c.vocab_size, true)?;
         }
+        self.mark("final norm + lm_head")?;
         self.last_logit_rows = rows;
         Ok(())
     }
@@ -993,11 +1193,27 @@ impl CudaLlama {
             }
         }
         if plan.prefill_tiles > 0 {
+            // (set_prefill_kernel checked that the variant exists and divides the group.)
+            let (f, heads_per_block, threads, smem_bytes) = match self.prefill_kernel {
+                PrefillKernel::Wgmma(v) => (
+                    &self.kernels.prefill_wgmma[&v],
+                    v.heads_per_block(),
+                    128 * v.warpgroups,
+                    wgmma_prefill_smem_bytes(v.heads_per_block()),
+                ),
+                PrefillKernel::MmaSync => {
+                    (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
+                }
+            };
             self.launch_smem(
-                &self.kernels.prefill[&d],
-                (plan.prefill_tiles as u32, heads as u32, 1),
-                128,
-                prefill_smem_bytes(d) as u32,
+                f,
+                (
+                    plan.prefill_tiles as u32,
+                    (heads / heads_per_block) as u32,
+                    1,
+                ),
+                threads as u32,
+                smem_bytes as u32,
                 &[
                     Ptr(attn),
                     Ptr(qkv),
@@ -1049,6 +1265,63 @@ impl CudaLlama {
         let run = |m: &Self| m.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split);
         run(self)?;
         self.time(repeats, |m| run(m))
+    }
+
+    /// Fills the query scratch for `batch` and layer 0's K and V in `cache` with uniform random
+    /// values in [-1, 1) (for comparing attention kernels on the same inputs).
+    pub fn randomize_attention_inputs(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        seed: u32,
+    ) -> Result<(), ModelError> {
+        let c = self.config.clone();
+        let rows: usize = batch.sequences.iter().map(|s| s.tokens.len()).sum();
+        let stream = self.stream.clone();
+        let qkv_len = rows * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+        let qkv = self.qkv_buf.ptr(&stream, qkv_len)?;
+        let kv_len = cache.num_blocks * cache.block_size * c.num_kv_heads * c.head_dim;
+        let targets = [
+            (qkv, qkv_len),
+            (raw_ptr(&cache.keys[0], &stream), kv_len),
+            (raw_ptr(&cache.values[0], &stream), kv_len),
+        ];
+        for (i, (ptr, len)) in targets.into_iter().enumerate() {
+            self.launch(
+                &self.kernels.fill_uniform,
+                (4 * self.sm_count as u32, 1, 1),
+                256,
+                &[
+                    Ptr(ptr),
+                    Arg::U64(len as u64),
+                    Arg::U32(seed.wrapping_mul(3).wrapping_add(i as u32)),
+                    F32(1.0),
+                ],
+                "fill_uniform",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The attention output of the last [`CudaLlama::time_attention`] (`rows` x heads x
+    /// head_dim, as f32; waits for the GPU).
+    pub fn attention_output(&self, rows: usize) -> Result<Vec<f32>, ModelError> {
+        let len = rows * self.config.num_heads * self.config.head_dim;
+        let buf = self
+            .attn
+            .buf
+            .as_ref()
+            .filter(|b| b.len() >= len)
+            .ok_or_else(|| ModelError::Cuda("no attention output of that size".into()))?;
+        let mut host = vec![0u16; len];
+        self.stream
+            .memcpy_dtoh(&buf.slice(..len), &mut host)
+            .map_err(|e| cuda_err("copying attention output", e))?;
+        self.synchronize()?;
+        Ok(host
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect())
     }
 
     /// Mean seconds of `f` over `repeats` runs on the stream, timed by CUDA events.
@@ -1211,6 +1484,14 @@ mod tests {
             let text = ptx.to_src();
             for kernel in ["paged_decode_g4_d128", "paged_prefill_d128", "add_rms_norm"] {
                 assert!(text.contains(kernel), "{kernel} missing from the PTX");
+            }
+            // The Hopper kernel exists exactly where `Kernels::compile` looks for it.
+            for (_, name) in super::WGMMA_VARIANTS {
+                assert_eq!(
+                    text.contains(name),
+                    (major, minor) == (9, 0),
+                    "{name} presence for sm_{major}{minor}"
+                );
             }
             if let Some(dir) = std::env::var_os("BLENDSERVE_PTX_DIR") {
                 let path = std::path::Path::new(&dir).join(format!("kernels_sm{major}{minor}.ptx"));
