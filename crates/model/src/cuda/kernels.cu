@@ -745,7 +745,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float* d, const u32* a,
 // on each K/V tile): the block's WGS * HPW heads share every K and V tile it loads, so a byte of
 // K/V brought from L2 feeds 64 * WGS * HPW query rows (64 with one head a block, the L2-bound
 // first version).
-template <int WGS, int HPW, bool PINGPONG>
+template <int WGS, int HPW, bool PINGPONG, bool ONE_BARRIER>
 __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
                                          const bf16_t* __restrict__ k_cache,
                                          const bf16_t* __restrict__ v_cache,
@@ -838,7 +838,9 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
     if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
     for (int tile_i = 0; tile_i < num_tiles; ++tile_i) {
         const int k0 = tile_i * BN;
-        if (tile_i + 1 < num_tiles) {
+        if (ONE_BARRIER) {
+            cp_async_wait<0>();
+        } else if (tile_i + 1 < num_tiles) {
             load_tile(k0 + BN, (tile_i + 1) & 1);
             cp_async_wait<1>();
         } else {
@@ -846,6 +848,9 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         }
         fence_proxy_async();
         __syncthreads();
+        // ONE_BARRIER: the prefetch goes after the barrier, which also says every thread is
+        // done with the stage it overwrites (read in the previous tile), so no second barrier.
+        if (ONE_BARRIER && tile_i + 1 < num_tiles) load_tile(k0 + BN, (tile_i + 1) & 1);
         const u32 sk = sq + TILE_BYTES * (NQ + 2 * (tile_i & 1));
         const u32 sv = sk + TILE_BYTES;
 
@@ -954,7 +959,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
 #pragma unroll
             for (int i = 0; i < D / 2; ++i) reg_fence(o[j][i]);
         }
-        __syncthreads();
+        if (!ONE_BARRIER) __syncthreads();
     }
 
     const size_t out_width = (size_t)heads * D;
@@ -983,26 +988,28 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
 
 // paged_prefill_wgmma_h{WGS}x{HPW}[_pingpong]: grid (tiles, heads / (WGS * HPW)), 128 * WGS
 // threads.
-#define PREFILL_WGMMA_KERNEL(NAME, WGS, HPW, PINGPONG, MIN_BLOCKS)                               \
+#define PREFILL_WGMMA_KERNEL(NAME, WGS, HPW, PINGPONG, ONE_BARRIER, MIN_BLOCKS)                  \
     extern "C" __global__ void __launch_bounds__(128 * WGS, MIN_BLOCKS) NAME(                                                      \
             bf16_t* out, const bf16_t* qkv, const bf16_t* k_cache, const bf16_t* v_cache,        \
             const u32* block_tables, const int* tile_seq, const int* tile_q0,                    \
             const int* seq_row0, const int* seq_start, const int* seq_len,                       \
             const int* seq_table_off, int heads, int kv_heads, int block_size,                   \
             float scale_log2) {                                                                  \
-        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG>(out, qkv, k_cache, v_cache, block_tables, tile_seq,  \
+        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG, ONE_BARRIER>(out, qkv, k_cache, v_cache, block_tables, tile_seq,  \
                                            tile_q0, seq_row0, seq_start, seq_len,                \
                                            seq_table_off, heads, kv_heads, block_size,           \
                                            scale_log2);                                          \
     }
 
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x1, 1, 1, false, 2)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x2, 1, 2, false, 2)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1, 2, 1, false, 1)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2, 2, 2, false, 1)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_pingpong, 2, 1, true, 1)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2_pingpong, 2, 2, true, 1)
-PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1, 4, 1, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x1, 1, 1, false, false, 2)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x2, 1, 2, false, false, 2)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1, 2, 1, false, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2, 2, 2, false, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_pingpong, 2, 1, true, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2_pingpong, 2, 2, true, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1, 4, 1, false, false, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_one_barrier, 2, 1, false, true, 1)
+PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1_one_barrier, 4, 1, false, true, 1)
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 

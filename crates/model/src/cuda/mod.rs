@@ -44,7 +44,7 @@ const WGMMA_HEAD_DIM: usize = 128;
 
 /// The wgmma prefill kernels: the variant and its kernel name. All heads of a block belong to
 /// one KV group and share each K and V tile the block loads.
-const WGMMA_VARIANTS: [(WgmmaVariant, &str); 7] = [
+const WGMMA_VARIANTS: [(WgmmaVariant, &str); 9] = [
     (WgmmaVariant::new(1, 1, false), "paged_prefill_wgmma_h1x1"),
     (WgmmaVariant::new(1, 2, false), "paged_prefill_wgmma_h1x2"),
     (WgmmaVariant::new(2, 1, false), "paged_prefill_wgmma_h2x1"),
@@ -58,12 +58,20 @@ const WGMMA_VARIANTS: [(WgmmaVariant, &str); 7] = [
         "paged_prefill_wgmma_h2x2_pingpong",
     ),
     (WgmmaVariant::new(4, 1, false), "paged_prefill_wgmma_h4x1"),
+    (
+        WgmmaVariant::new(2, 1, false).with_one_barrier(),
+        "paged_prefill_wgmma_h2x1_one_barrier",
+    ),
+    (
+        WgmmaVariant::new(4, 1, false).with_one_barrier(),
+        "paged_prefill_wgmma_h4x1_one_barrier",
+    ),
 ];
 
 /// The wgmma variants the model takes by default, best first (as measured in
 /// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group wins.
 const WGMMA_PREFERENCE: [WgmmaVariant; 2] = [
-    WgmmaVariant::new(2, 1, false),
+    WgmmaVariant::new(2, 1, false).with_one_barrier(),
     WgmmaVariant::new(1, 1, false),
 ];
 
@@ -85,12 +93,15 @@ pub enum PrefillKernel {
 
 /// Shape of a wgmma prefill block: `warpgroups` (128 threads each), each taking
 /// `heads_per_warpgroup` query heads one after the other; with `pingpong` the two warpgroups
-/// take turns issuing MMAs so that one's softmax overlaps the other's MMAs.
+/// take turns issuing MMAs so that one's softmax overlaps the other's MMAs; with
+/// `one_barrier` a K/V tile costs one block barrier instead of two (the next tile's loads start
+/// after it instead of before).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WgmmaVariant {
     pub warpgroups: usize,
     pub heads_per_warpgroup: usize,
     pub pingpong: bool,
+    pub one_barrier: bool,
 }
 
 impl WgmmaVariant {
@@ -99,6 +110,14 @@ impl WgmmaVariant {
             warpgroups,
             heads_per_warpgroup,
             pingpong,
+            one_barrier: false,
+        }
+    }
+
+    pub const fn with_one_barrier(self) -> Self {
+        WgmmaVariant {
+            one_barrier: true,
+            ..self
         }
     }
 
