@@ -450,6 +450,16 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16_t* row) {
                  : "r"(addr));
 }
 
+// Element offset of position `p`'s row for KV head `kvh` in a paged K or V cache. Blocks are a
+// power of two tokens in practice (`pow2`): shift and mask, not divide.
+__device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int block_size, bool pow2,
+                                               int block_shift, int kv_heads, int kvh, int D) {
+    int blk = pow2 ? p >> block_shift : p / block_size;
+    int within = pow2 ? p & (block_size - 1) : p % block_size;
+    size_t slot = (size_t)table[blk] * block_size + within;
+    return (slot * kv_heads + kvh) * D;
+}
+
 template <int D>
 __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
                                    const bf16_t* __restrict__ k_cache,
@@ -519,11 +529,9 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
             const bf16_t* vs = v_cache;
             int bytes = 0;
             if (p < kv_end) {
-                // Blocks are a power of two tokens in practice: shift and mask, not divide.
-                int blk = pow2_blocks ? p >> block_shift : p / block_size;
-                int within = pow2_blocks ? p & (block_size - 1) : p % block_size;
-                size_t slot = (size_t)table[blk] * block_size + within;
-                size_t off = (slot * kv_heads + kvh) * D + d8;
+                size_t off = paged_kv_row(table, p, block_size, pow2_blocks, block_shift,
+                                          kv_heads, kvh, D) +
+                             d8;
                 ks = k_cache + off;
                 vs = v_cache + off;
                 bytes = 16;
@@ -804,10 +812,9 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
             const bf16_t* vs = v_cache;
             int bytes = 0;
             if (p < kv_end) {
-                int blk = pow2_blocks ? p >> block_shift : p / block_size;
-                int within = pow2_blocks ? p & (block_size - 1) : p % block_size;
-                size_t slot = (size_t)table[blk] * block_size + within;
-                size_t off = (slot * kv_heads + kvh) * D + c16 * 8;
+                size_t off = paged_kv_row(table, p, block_size, pow2_blocks, block_shift,
+                                          kv_heads, kvh, D) +
+                             c16 * 8;
                 ks = k_cache + off;
                 vs = v_cache + off;
                 bytes = 16;

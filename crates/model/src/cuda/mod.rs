@@ -803,16 +803,21 @@ impl CudaLlama {
     /// last (an event on the stream); otherwise nothing.
     fn mark(&self, what: &'static str) -> Result<(), ModelError> {
         if let Some(events) = self.profile.borrow_mut().as_mut() {
-            let event = self
-                .ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| cuda_err("event", e))?;
-            event
-                .record(&self.stream)
-                .map_err(|e| cuda_err("event", e))?;
-            events.push((what, event));
+            events.push((what, self.record_event()?));
         }
         Ok(())
+    }
+
+    /// A timing event recorded on the stream now.
+    fn record_event(&self) -> Result<cudarc::driver::CudaEvent, ModelError> {
+        let event = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        event
+            .record(&self.stream)
+            .map_err(|e| cuda_err("event", e))?;
+        Ok(event)
     }
 
     /// GPU seconds of each kind of operation in one [`CudaLlama::forward`] of `batch` (events
@@ -1349,21 +1354,11 @@ impl CudaLlama {
         repeats: usize,
         mut f: impl FnMut(&Self) -> Result<(), ModelError>,
     ) -> Result<f64, ModelError> {
-        let start = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| cuda_err("event", e))?;
-        let end = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| cuda_err("event", e))?;
-        start
-            .record(&self.stream)
-            .map_err(|e| cuda_err("event", e))?;
+        let start = self.record_event()?;
         for _ in 0..repeats.max(1) {
             f(self)?;
         }
-        end.record(&self.stream).map_err(|e| cuda_err("event", e))?;
+        let end = self.record_event()?;
         end.synchronize().map_err(|e| cuda_err("event", e))?;
         let ms = start.elapsed_ms(&end).map_err(|e| cuda_err("event", e))?;
         Ok(f64::from(ms) / 1e3 / repeats.max(1) as f64)
