@@ -69,7 +69,9 @@ const WGMMA_VARIANTS: [(WgmmaVariant, &str); 9] = [
 ];
 
 /// The wgmma variants the model takes by default, best first (as measured in
-/// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group wins.
+/// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group wins. Only
+/// these are in the kernels compiled at load; the others are compiled when a benchmark asks for
+/// one ([`CudaLlama::set_prefill_kernel`]).
 const WGMMA_PREFERENCE: [WgmmaVariant; 2] = [
     WgmmaVariant::new(2, 1, false).with_one_barrier(),
     WgmmaVariant::new(1, 1, false),
@@ -146,14 +148,23 @@ pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> ModelError {
     ModelError::Cuda(format!("{what}: {e:?}"))
 }
 
-/// `kernels.cu` as PTX for compute capability `major.minor`.
-pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, ModelError> {
+/// `kernels.cu` as PTX for compute capability `major.minor`; with `all_wgmma_variants`, also
+/// the wgmma prefill variants only benchmarks use.
+pub fn compile_kernels(
+    major: i32,
+    minor: i32,
+    all_wgmma_variants: bool,
+) -> Result<cudarc::nvrtc::Ptx, ModelError> {
     let arch: &'static str = Box::leak(nvrtc_arch(major, minor).into_boxed_str());
+    let mut options = vec!["-std=c++17".to_string()];
+    if all_wgmma_variants {
+        options.push("-DBLENDSERVE_ALL_WGMMA_VARIANTS".into());
+    }
     compile_ptx_with_opts(
         KERNELS_SRC,
         CompileOptions {
             arch: Some(arch),
-            options: vec!["-std=c++17".into()],
+            options,
             ..Default::default()
         },
     )
@@ -169,6 +180,9 @@ pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, Mod
 /// The compiled kernels.
 struct Kernels {
     _module: Arc<CudaModule>,
+    /// The module with every wgmma variant, once a benchmark asked for one.
+    all_wgmma_module: Option<Arc<CudaModule>>,
+    compute_capability: (i32, i32),
     gather_rows: CudaFunction,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
@@ -176,7 +190,8 @@ struct Kernels {
     decode: HashMap<(usize, usize), CudaFunction>,
     decode_reduce: CudaFunction,
     prefill: HashMap<usize, CudaFunction>,
-    /// Present on compute capability 9.0 (compiled for `sm_90a` only).
+    /// Compute capability 9.0 only (compiled for `sm_90a`): the variants of `WGMMA_PREFERENCE`,
+    /// then the others when [`Kernels::load_all_wgmma_variants`] ran.
     prefill_wgmma: HashMap<WgmmaVariant, CudaFunction>,
     argmax_rows: CudaFunction,
     fill_uniform: CudaFunction,
@@ -192,7 +207,7 @@ impl Kernels {
                 "compute capability {major}.{minor}: the bf16 tensor-core kernels need 8.0 or newer"
             )));
         }
-        let ptx = compile_kernels(major, minor)?;
+        let ptx = compile_kernels(major, minor, false)?;
         let module = ctx
             .load_module(ptx)
             .map_err(|e| cuda_err("loading kernels", e))?;
@@ -219,14 +234,8 @@ impl Kernels {
         }
         let mut prefill_wgmma = HashMap::new();
         if (major, minor) == (9, 0) {
-            for (variant, name) in WGMMA_VARIANTS {
-                let func = f(name)?;
-                func.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    wgmma_prefill_smem_bytes(variant.heads_per_block()) as i32,
-                )
-                .map_err(|e| cuda_err("wgmma prefill kernel shared memory", e))?;
-                prefill_wgmma.insert(variant, func);
+            for variant in WGMMA_PREFERENCE {
+                prefill_wgmma.insert(variant, wgmma_function(&module, variant)?);
             }
         }
         Ok(Kernels {
@@ -241,8 +250,52 @@ impl Kernels {
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             _module: module,
+            all_wgmma_module: None,
+            compute_capability: (major, minor),
         })
     }
+
+    /// Compiles and loads the wgmma variants that are not in the load-time module (compute
+    /// capability 9.0 only; a few seconds of NVRTC).
+    fn load_all_wgmma_variants(&mut self, ctx: &Arc<CudaContext>) -> Result<(), ModelError> {
+        let (major, minor) = self.compute_capability;
+        if (major, minor) != (9, 0) || self.all_wgmma_module.is_some() {
+            return Ok(());
+        }
+        let module = ctx
+            .load_module(compile_kernels(major, minor, true)?)
+            .map_err(|e| cuda_err("loading kernels", e))?;
+        for variant in WgmmaVariant::all() {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                self.prefill_wgmma.entry(variant)
+            {
+                slot.insert(wgmma_function(&module, variant)?);
+            }
+        }
+        self.all_wgmma_module = Some(module);
+        Ok(())
+    }
+}
+
+/// The wgmma prefill kernel of `variant` in `module`, allowed its shared memory.
+fn wgmma_function(
+    module: &Arc<CudaModule>,
+    variant: WgmmaVariant,
+) -> Result<CudaFunction, ModelError> {
+    let name = WGMMA_VARIANTS
+        .iter()
+        .find(|(v, _)| *v == variant)
+        .map(|(_, name)| *name)
+        .expect("every variant has a kernel name");
+    let func = module
+        .load_function(name)
+        .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        wgmma_prefill_smem_bytes(variant.heads_per_block()) as i32,
+    )
+    .map_err(|e| cuda_err("wgmma prefill kernel shared memory", e))?;
+    Ok(func)
 }
 
 /// A device buffer that grows to the largest size asked of it.
@@ -696,15 +749,47 @@ impl CudaLlama {
             .stream
             .alloc_zeros::<u16>(len)
             .map_err(|e| cuda_err(&format!("allocating {len} weights"), e))?;
-        let ptr = raw_ptr(&buf, &self.stream);
+        self.fill_uniform(raw_ptr(&buf, &self.stream), len, seed, bound)?;
+        Ok(buf)
+    }
+
+    /// `x = x + delta` (unless `delta` is 0) and `out = rms_norm(x) * weight` over `rows` rows
+    /// of the hidden size (device addresses).
+    fn add_rms_norm(
+        &self,
+        out: u64,
+        x: u64,
+        delta: u64,
+        weight: u64,
+        rows: usize,
+        what: &str,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        self.launch(
+            &self.kernels.add_rms_norm,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Ptr(out),
+                Ptr(x),
+                Ptr(delta),
+                Ptr(weight),
+                I32(c.hidden_size as i32),
+                F32(c.rms_norm_eps as f32),
+            ],
+            what,
+        )
+    }
+
+    /// Fills `len` bf16 values at device address `ptr` with uniform values in [-bound, bound).
+    fn fill_uniform(&self, ptr: u64, len: usize, seed: u32, bound: f32) -> Result<(), ModelError> {
         self.launch(
             &self.kernels.fill_uniform,
             (4 * self.sm_count as u32, 1, 1),
             256,
             &[Ptr(ptr), Arg::U64(len as u64), Arg::U32(seed), F32(bound)],
             "fill_uniform",
-        )?;
-        Ok(buf)
+        )
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -721,6 +806,9 @@ impl CudaLlama {
     /// head size cannot run it.
     pub fn set_prefill_kernel(&mut self, kernel: PrefillKernel) -> Result<(), ModelError> {
         if let PrefillKernel::Wgmma(variant) = kernel {
+            if !self.kernels.prefill_wgmma.contains_key(&variant) {
+                self.kernels.load_all_wgmma_variants(&self.ctx)?;
+            }
             let c = &self.config;
             let group = c.num_heads / c.num_kv_heads;
             if !self.kernels.prefill_wgmma.contains_key(&variant)
@@ -950,7 +1038,6 @@ impl CudaLlama {
         let split = self.decode_split(&plan)?;
         let embed = raw_ptr(&self.embed, &stream);
         let hidden_i = h as i32;
-        let eps = c.rms_norm_eps as f32;
         let null: u64 = 0;
 
         self.launch(
@@ -965,20 +1052,7 @@ impl CudaLlama {
             let norm_w = raw_ptr(&layer.input_norm, &stream);
             // The residual add of the previous layer's MLP, then this layer's input norm.
             let add = if l == 0 { null } else { delta };
-            self.launch(
-                &self.kernels.add_rms_norm,
-                (n as u32, 1, 1),
-                256,
-                &[
-                    Ptr(normed),
-                    Ptr(x),
-                    Ptr(add),
-                    Ptr(norm_w),
-                    I32(hidden_i),
-                    F32(eps),
-                ],
-                "add_rms_norm",
-            )?;
+            self.add_rms_norm(normed, x, add, norm_w, n, "add_rms_norm")?;
             self.mark("add + rms_norm")?;
             self.gemm.bf16(
                 qkv,
@@ -1029,20 +1103,7 @@ impl CudaLlama {
             )?;
             self.mark("gemm o")?;
             let post = raw_ptr(&layer.post_norm, &stream);
-            self.launch(
-                &self.kernels.add_rms_norm,
-                (n as u32, 1, 1),
-                256,
-                &[
-                    Ptr(normed),
-                    Ptr(x),
-                    Ptr(delta),
-                    Ptr(post),
-                    I32(hidden_i),
-                    F32(eps),
-                ],
-                "add_rms_norm",
-            )?;
+            self.add_rms_norm(normed, x, delta, post, n, "add_rms_norm")?;
             self.mark("add + rms_norm")?;
             self.gemm.bf16(
                 gate_up,
@@ -1076,20 +1137,7 @@ impl CudaLlama {
         }
         // Last residual add and the final norm, then the rows that want logits.
         let final_norm = raw_ptr(&self.norm, &stream);
-        self.launch(
-            &self.kernels.add_rms_norm,
-            (n as u32, 1, 1),
-            256,
-            &[
-                Ptr(normed),
-                Ptr(x),
-                Ptr(delta),
-                Ptr(final_norm),
-                I32(hidden_i),
-                F32(eps),
-            ],
-            "add_rms_norm (final)",
-        )?;
+        self.add_rms_norm(normed, x, delta, final_norm, n, "add_rms_norm (final)")?;
         let rows = plan.num_logit_rows;
         if rows > 0 {
             let selected = self.selected.ptr(&stream, rows * h)?;
@@ -1311,18 +1359,7 @@ impl CudaLlama {
             (raw_ptr(&cache.values[0], &stream), kv_len),
         ];
         for (i, (ptr, len)) in targets.into_iter().enumerate() {
-            self.launch(
-                &self.kernels.fill_uniform,
-                (4 * self.sm_count as u32, 1, 1),
-                256,
-                &[
-                    Ptr(ptr),
-                    Arg::U64(len as u64),
-                    Arg::U32(seed.wrapping_mul(3).wrapping_add(i as u32)),
-                    F32(1.0),
-                ],
-                "fill_uniform",
-            )?;
+            self.fill_uniform(ptr, len, seed.wrapping_mul(3).wrapping_add(i as u32), 1.0)?;
         }
         Ok(())
     }
@@ -1494,22 +1531,31 @@ mod tests {
             return;
         }
         for (major, minor) in [(8, 0), (9, 0)] {
-            let ptx = super::compile_kernels(major, minor).unwrap_or_else(|e| panic!("{e}"));
-            let text = ptx.to_src();
-            for kernel in ["paged_decode_g4_d128", "paged_prefill_d128", "add_rms_norm"] {
-                assert!(text.contains(kernel), "{kernel} missing from the PTX");
-            }
-            // The Hopper kernel exists exactly where `Kernels::compile` looks for it.
-            for (_, name) in super::WGMMA_VARIANTS {
-                assert_eq!(
-                    text.contains(name),
-                    (major, minor) == (9, 0),
-                    "{name} presence for sm_{major}{minor}"
-                );
-            }
-            if let Some(dir) = std::env::var_os("BLENDSERVE_PTX_DIR") {
-                let path = std::path::Path::new(&dir).join(format!("kernels_sm{major}{minor}.ptx"));
-                std::fs::write(path, text).expect("writing the PTX");
+            for all in [false, true] {
+                let ptx =
+                    super::compile_kernels(major, minor, all).unwrap_or_else(|e| panic!("{e}"));
+                let text = ptx.to_src();
+                for kernel in ["paged_decode_g4_d128", "paged_prefill_d128", "add_rms_norm"] {
+                    assert!(text.contains(kernel), "{kernel} missing from the PTX");
+                }
+                // The Hopper kernels exist exactly where `Kernels` looks for them: the
+                // preferred ones always, the others with `all`. (A name is not a prefix of
+                // another one, apart from h2x1 of h2x1_*: checked by the entry's open paren.)
+                for (variant, name) in super::WGMMA_VARIANTS {
+                    let wanted = (major, minor) == (9, 0)
+                        && (all || super::WGMMA_PREFERENCE.contains(&variant));
+                    assert_eq!(
+                        text.contains(&format!(".entry {name}(")),
+                        wanted,
+                        "{name} presence for sm_{major}{minor}, all variants {all}"
+                    );
+                }
+                if let Some(dir) = std::env::var_os("BLENDSERVE_PTX_DIR") {
+                    let suffix = if all { "_all" } else { "" };
+                    let path = std::path::Path::new(&dir)
+                        .join(format!("kernels_sm{major}{minor}{suffix}.ptx"));
+                    std::fs::write(path, text).expect("writing the PTX");
+                }
             }
         }
     }
