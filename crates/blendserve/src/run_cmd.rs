@@ -95,6 +95,12 @@ pub struct RunArgs {
     /// Executor the bound and the prediction assume: sum, max, partial:E.
     #[arg(long, default_value = "sum")]
     pub executor: String,
+    /// CUDA only: how the GPU runs a step: sequential, or nano-batches overlapping decode
+    /// attention with GEMMs: overlap (shared SMs), overlap-gemm:N (cuBLAS sized to leave N SMs
+    /// to decode attention), overlap-green:N (green contexts, N SMs for decode attention).
+    /// Measured slower than sequential so far (experiments/NOTES.md).
+    #[arg(long, default_value = "sequential")]
+    pub step_executor: String,
     /// Also simulate this very run (same workload, scheduler and KV size) with the performance
     /// model, and report its predicted time beside the measured one.
     #[arg(long)]
@@ -747,6 +753,9 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
             if args.random_weights {
                 bail!("--random-weights needs --device cuda");
             }
+            if args.step_executor != "sequential" {
+                bail!("--step-executor {} needs --device cuda", args.step_executor);
+            }
             // config.json is already read (`config`); only the weights are left to load.
             let store = model::WeightStore::open(dir)?;
             let m = model::LlamaModel::<model::CpuBackend>::from_store(
@@ -764,13 +773,19 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
 
 #[cfg(feature = "cuda")]
 fn load_cuda(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<LoadedModel> {
-    let m = if args.random_weights {
+    let mut m = if args.random_weights {
         model::cuda::CudaLlama::random(config.clone(), 0, 0)?
     } else {
         let store = model::WeightStore::open(dir)?;
         model::cuda::CudaLlama::from_store(config.clone(), &store, 0)
             .with_context(|| format!("loading {}", dir.display()))?
     };
+    let executor: model::cuda::StepExecutor = args
+        .step_executor
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--step-executor: {e}"))?;
+    m.set_executor(executor)
+        .with_context(|| format!("--step-executor {executor}"))?;
     let memory = m.memory_info()?;
     Ok((Box::new(model::CudaStepModel::new(m)), Some(memory)))
 }

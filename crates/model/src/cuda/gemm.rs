@@ -34,6 +34,24 @@ impl Gemm {
         })
     }
 
+    /// Queues this handle's GEMMs on `stream` (a lane of the overlapped executor) instead of
+    /// the stream it was made on.
+    pub fn set_stream(&self, stream: cudarc::driver::sys::CUstream) -> Result<(), ModelError> {
+        // SAFETY: the handle is live; the caller keeps `stream` alive while the handle is.
+        unsafe { sys::cublasSetStream_v2(*self.blas.handle(), stream as sys::cudaStream_t) }
+            .result()
+            .map_err(|e| cuda_err("cuBLAS set stream", e))
+    }
+
+    /// Sizes this handle's GEMMs for `sms` multiprocessors (0: the whole GPU), leaving the rest
+    /// free for work on other streams.
+    pub fn set_sm_count_target(&self, sms: usize) -> Result<(), ModelError> {
+        // SAFETY: the handle is live.
+        unsafe { sys::cublasSetSmCountTarget(*self.blas.handle(), sms as i32) }
+            .result()
+            .map_err(|e| cuda_err("cuBLAS SM count target", e))
+    }
+
     /// `out = x · wᵀ` with `x` `[tokens, k]` bf16, `w` `[n, k]` bf16, `out` `[tokens, n]` in bf16
     /// (or f32 with `out_f32`), f32 accumulation. Pointers are device addresses.
     #[allow(clippy::too_many_arguments)]

@@ -12,6 +12,7 @@
 //! check); this path is checked against it and against transformers on the device.
 
 mod gemm;
+mod overlap;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +22,10 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 pub use gemm::Gemm;
+pub use overlap::{SmSplit, StepExecutor};
+
+use cudarc::driver::sys::CUstream;
+use overlap::{record, split_nano_batches, wait, Overlap};
 
 use crate::config::ModelConfig;
 use crate::forward::{plan_slots, ForwardBatch};
@@ -370,6 +375,85 @@ struct DecodeSplit {
     part_ml: u64,
 }
 
+/// The decode split over the context (tokens per split, splits at most) for enough blocks to
+/// fill `sm_count` SMs, and the scratch (grown on `stream`) for the splits' partial results.
+fn decode_split(
+    c: &ModelConfig,
+    sm_count: usize,
+    stream: &Arc<CudaStream>,
+    plan: &AttentionPlan,
+    part_acc: &mut Scratch<f32>,
+    part_ml: &mut Scratch<f32>,
+) -> Result<DecodeSplit, ModelError> {
+    let (split_tokens, max_splits) = if plan.decode_items > 0 {
+        let blocks = plan.decode_items * c.num_kv_heads;
+        let want_splits = (4 * sm_count).div_ceil(blocks).max(1);
+        let split = plan
+            .decode_max_ctx
+            .div_ceil(want_splits)
+            .max(256)
+            .next_multiple_of(64);
+        (split, plan.decode_max_ctx.div_ceil(split))
+    } else {
+        (256, 1)
+    };
+    let entries = plan.decode_items * c.num_heads * max_splits;
+    Ok(DecodeSplit {
+        split_tokens,
+        max_splits,
+        part_acc: part_acc.ptr(stream, entries * c.head_dim)?,
+        part_ml: part_ml.ptr(stream, entries * 2)?,
+    })
+}
+
+/// Which of a step's attention work [`CudaLlama::attention`] queues.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AttentionPart {
+    Both,
+    Decode,
+    Prefill,
+}
+
+/// Width of the fused q, k, v projection's output.
+fn qkv_width(c: &ModelConfig) -> usize {
+    (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+}
+
+/// A step's activation buffers (device addresses of their first row), row-major bf16.
+#[derive(Clone, Copy)]
+struct Activations {
+    /// Residual stream `[rows, hidden]`.
+    x: u64,
+    /// Normed residual `[rows, hidden]`.
+    normed: u64,
+    /// q, k, v projections `[rows, qkv_width]`.
+    qkv: u64,
+    /// Attention output `[rows, heads * head_dim]`.
+    attn: u64,
+    /// Output of the O and down projections `[rows, hidden]`.
+    delta: u64,
+    /// Gate and up projections `[rows, 2 * intermediate]`.
+    gate_up: u64,
+    /// SiLU(gate) * up `[rows, intermediate]`.
+    act: u64,
+}
+
+impl Activations {
+    /// The same buffers from row `row` on.
+    fn rows_from(&self, c: &ModelConfig, row: usize) -> Activations {
+        let at = |base: u64, width: usize| base + 2 * (row * width) as u64;
+        Activations {
+            x: at(self.x, c.hidden_size),
+            normed: at(self.normed, c.hidden_size),
+            qkv: at(self.qkv, qkv_width(c)),
+            attn: at(self.attn, c.num_heads * c.head_dim),
+            delta: at(self.delta, c.hidden_size),
+            gate_up: at(self.gate_up, 2 * c.intermediate_size),
+            act: at(self.act, c.intermediate_size),
+        }
+    }
+}
+
 /// Where a step's attention work goes, built on the host and uploaded in one copy.
 #[derive(Default)]
 struct AttentionPlan {
@@ -524,6 +608,8 @@ pub struct CudaLlama {
     part_ml: Scratch<f32>,
     /// Rows of logits the last step produced.
     last_logit_rows: usize,
+    /// The overlapped executor's lanes; `None` runs every step sequentially.
+    overlap: Option<Overlap>,
     /// While [`CudaLlama::profile_forward`] runs: an event after each operation, with its name.
     profile: std::cell::RefCell<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
 }
@@ -613,6 +699,7 @@ impl CudaLlama {
             part_acc: Scratch::new(),
             part_ml: Scratch::new(),
             last_logit_rows: 0,
+            overlap: None,
             profile: std::cell::RefCell::new(None),
             config,
         };
@@ -755,8 +842,10 @@ impl CudaLlama {
 
     /// `x = x + delta` (unless `delta` is 0) and `out = rms_norm(x) * weight` over `rows` rows
     /// of the hidden size (device addresses).
+    #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
+        stream: CUstream,
         out: u64,
         x: u64,
         delta: u64,
@@ -765,7 +854,8 @@ impl CudaLlama {
         what: &str,
     ) -> Result<(), ModelError> {
         let c = &self.config;
-        self.launch(
+        self.launch_on(
+            stream,
             &self.kernels.add_rms_norm,
             (rows as u32, 1, 1),
             256,
@@ -949,8 +1039,42 @@ impl CudaLlama {
         self.launch_smem(f, grid, block, 0, args, what)
     }
 
+    fn launch_on(
+        &self,
+        stream: CUstream,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+        what: &str,
+    ) -> Result<(), ModelError> {
+        self.launch_smem_on(stream, f, grid, block, 0, args, what)
+    }
+
     fn launch_smem(
         &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_mem_bytes: u32,
+        args: &[Arg],
+        what: &str,
+    ) -> Result<(), ModelError> {
+        self.launch_smem_on(
+            self.stream.cu_stream(),
+            f,
+            grid,
+            block,
+            shared_mem_bytes,
+            args,
+            what,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_smem_on(
+        &self,
+        stream: CUstream,
         f: &CudaFunction,
         grid: (u32, u32, u32),
         block: u32,
@@ -984,7 +1108,7 @@ impl CudaLlama {
                 grid,
                 (block, 1, 1),
                 shared_mem_bytes,
-                self.stream.cu_stream(),
+                stream,
                 &mut params,
             )
         }
@@ -994,7 +1118,8 @@ impl CudaLlama {
     /// Runs one step on the GPU: writes the batch's K and V into `cache` and leaves the logits
     /// of the sequences with `logits` set (batch order) on the device, for
     /// [`CudaLlama::logits_to_host`] or [`CudaLlama::greedy_tokens`]. Returns without waiting
-    /// for the GPU.
+    /// for the GPU. Under [`StepExecutor::Overlapped`] a step with both prefill chunks and
+    /// decode tokens runs them as two nano-batches on two streams; the results are the same.
     pub fn forward(
         &mut self,
         batch: &ForwardBatch,
@@ -1010,185 +1135,428 @@ impl CudaLlama {
         for s in &batch.sequences {
             c.check_token_ids(&s.tokens)?;
         }
-        let n = slots.len();
         self.last_logit_rows = 0;
-        if n == 0 {
+        if slots.is_empty() {
             return Ok(());
         }
+        let profiling = self.profile.borrow().is_some();
+        let decodes = batch
+            .sequences
+            .iter()
+            .filter(|s| s.tokens.len() == 1)
+            .count();
+        if self.overlap.is_some() && decodes >= 2 && !profiling {
+            return self.forward_overlapped(batch, cache, &slots);
+        }
+        let n = slots.len();
         let plan = AttentionPlan::build(batch, &slots, cache.block_size);
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
-        let qkv_width = (heads + 2 * kv_heads) * d;
-        let inter = c.intermediate_size;
         let stream = self.stream.clone();
-        let ints = self.ints.ptr(&stream, plan.ints.len())?;
-        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
-            .map_err(|e| cuda_err("uploading the step's indices", e))?;
-        // From pageable memory the driver stages the copy before returning (after the stream's
-        // earlier work), so `plan` may drop right away.
-        let at = |off: usize| ints + 4 * off as u64;
-
-        let x = self.hidden.ptr(&stream, n * h)?;
-        let normed = self.normed.ptr(&stream, n * h)?;
-        let qkv = self.qkv_buf.ptr(&stream, n * qkv_width)?;
-        let attn = self.attn.ptr(&stream, n * heads * d)?;
-        let delta = self.delta.ptr(&stream, n * h)?;
-        let gate_up = self.gate_up_buf.ptr(&stream, n * 2 * inter)?;
-        let act = self.act.ptr(&stream, n * inter)?;
-        let split = self.decode_split(&plan)?;
-        let embed = raw_ptr(&self.embed, &stream);
-        let hidden_i = h as i32;
-        let null: u64 = 0;
-
-        self.launch(
-            &self.kernels.gather_rows,
-            (n as u32, 1, 1),
-            128,
-            &[Ptr(x), Ptr(embed), Ptr(at(plan.tokens)), I32(hidden_i)],
-            "gather_rows (embedding)",
+        let ints = self.upload_ints(&plan.ints)?;
+        let acts = self.activations(n)?;
+        let split = decode_split(
+            &c,
+            self.sm_count,
+            &stream,
+            &plan,
+            &mut self.part_acc,
+            &mut self.part_ml,
         )?;
-        self.mark("embedding")?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let norm_w = raw_ptr(&layer.input_norm, &stream);
-            // The residual add of the previous layer's MLP, then this layer's input norm.
-            let add = if l == 0 { null } else { delta };
-            self.add_rms_norm(normed, x, add, norm_w, n, "add_rms_norm")?;
-            self.mark("add + rms_norm")?;
-            self.gemm.bf16(
-                qkv,
-                normed,
-                raw_ptr(&layer.qkv, &stream),
-                n,
-                h,
-                qkv_width,
-                false,
-            )?;
-            self.mark("gemm qkv")?;
-            let bias = layer.qkv_bias.as_ref().map_or(0, |b| raw_ptr(b, &stream));
-            let (kc, vc) = (
-                raw_ptr(&cache.keys[l], &stream),
-                raw_ptr(&cache.values[l], &stream),
-            );
-            let inv_freq = raw_ptr(&self.inv_freq, &stream);
-            let (heads_i, kv_i, d_i) = (heads as i32, kv_heads as i32, d as i32);
-            self.launch(
-                &self.kernels.rope_write_kv,
-                (n as u32, 1, 1),
-                128,
-                &[
-                    Ptr(qkv),
-                    Ptr(bias),
-                    Ptr(at(plan.positions)),
-                    Ptr(at(plan.slots)),
-                    Ptr(inv_freq),
-                    Ptr(kc),
-                    Ptr(vc),
-                    I32(heads_i),
-                    I32(kv_i),
-                    I32(d_i),
-                ],
-                "rope_write_kv",
-            )?;
-            self.mark("rope + kv write")?;
-            self.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split)?;
-            self.mark("attention")?;
-            self.gemm.bf16(
-                delta,
-                attn,
-                raw_ptr(&layer.o, &stream),
-                n,
-                heads * d,
-                h,
-                false,
-            )?;
-            self.mark("gemm o")?;
-            let post = raw_ptr(&layer.post_norm, &stream);
-            self.add_rms_norm(normed, x, delta, post, n, "add_rms_norm")?;
-            self.mark("add + rms_norm")?;
-            self.gemm.bf16(
-                gate_up,
-                normed,
-                raw_ptr(&layer.gate_up, &stream),
-                n,
-                h,
-                2 * inter,
-                false,
-            )?;
-            self.mark("gemm gate_up")?;
-            let (n_i, inter_i) = (n as i32, inter as i32);
-            self.launch(
-                &self.kernels.silu_mul,
-                ((inter / 8).div_ceil(256) as u32, n.min(65535) as u32, 1),
-                256,
-                &[Ptr(act), Ptr(gate_up), I32(n_i), I32(inter_i)],
-                "silu_mul",
-            )?;
-            self.mark("silu_mul")?;
-            self.gemm.bf16(
-                delta,
-                act,
-                raw_ptr(&layer.down, &stream),
-                n,
-                inter,
-                h,
-                false,
-            )?;
-            self.mark("gemm down")?;
+        let main = stream.cu_stream();
+        self.embed(main, &plan, ints, &acts, n)?;
+        for l in 0..c.num_layers {
+            self.layer(l, main, &self.gemm, &plan, ints, &acts, n, cache, &split)?;
         }
-        // Last residual add and the final norm, then the rows that want logits.
-        let final_norm = raw_ptr(&self.norm, &stream);
-        self.add_rms_norm(normed, x, delta, final_norm, n, "add_rms_norm (final)")?;
         let rows = plan.num_logit_rows;
-        if rows > 0 {
-            let selected = self.selected.ptr(&stream, rows * h)?;
-            self.launch(
-                &self.kernels.gather_rows,
-                (rows as u32, 1, 1),
-                128,
-                &[
-                    Ptr(selected),
-                    Ptr(normed),
-                    Ptr(at(plan.logit_rows)),
-                    I32(hidden_i),
-                ],
-                "gather_rows (logit rows)",
-            )?;
-            let logits = self.logits.ptr(&stream, rows * c.vocab_size)?;
-            let head = raw_ptr(self.lm_head.as_ref().unwrap_or(&self.embed), &stream);
-            self.gemm
-                .bf16(logits, selected, head, rows, h, c.vocab_size, true)?;
-        }
+        self.finish(&acts, n, ints + 4 * plan.logit_rows as u64, rows)?;
         self.mark("final norm + lm_head")?;
         self.last_logit_rows = rows;
         Ok(())
     }
 
-    /// The decode split over the context (tokens per split, splits at most) for enough blocks
-    /// to fill the GPU, and the scratch for the splits' partial results.
-    fn decode_split(&mut self, plan: &AttentionPlan) -> Result<DecodeSplit, ModelError> {
-        let c = &self.config;
-        let (split_tokens, max_splits) = if plan.decode_items > 0 {
-            let blocks = plan.decode_items * c.num_kv_heads;
-            let want_splits = (4 * self.sm_count).div_ceil(blocks).max(1);
-            let split = plan
-                .decode_max_ctx
-                .div_ceil(want_splits)
-                .max(256)
-                .next_multiple_of(64);
-            (split, plan.decode_max_ctx.div_ceil(split))
-        } else {
-            (256, 1)
-        };
+    /// Chooses how steps run (see [`StepExecutor`]); making lanes on green contexts can fail
+    /// on GPUs or drivers without them.
+    pub fn set_executor(&mut self, executor: StepExecutor) -> Result<(), ModelError> {
+        if self.executor() == executor {
+            return Ok(());
+        }
+        self.synchronize()?;
+        self.overlap = None;
+        if executor != StepExecutor::Sequential {
+            self.overlap = Some(Overlap::new(
+                &self.ctx,
+                &self.stream,
+                self.sm_count,
+                executor,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The GPU's multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    pub fn executor(&self) -> StepExecutor {
+        self.overlap
+            .as_ref()
+            .map_or(StepExecutor::Sequential, |o| o.executor)
+    }
+
+    /// SMs of the overlapped executor's prefill and decode lanes (the whole GPU each for plain
+    /// streams); `None` when sequential.
+    pub fn lane_sms(&self) -> Option<(usize, usize)> {
+        self.overlap.as_ref().map(Overlap::sm_split)
+    }
+
+    /// Copies `ints` to the device (the step's index scratch) on the main stream.
+    fn upload_ints(&mut self, ints: &[i32]) -> Result<u64, ModelError> {
         let stream = self.stream.clone();
-        let entries = plan.decode_items * c.num_heads * max_splits;
-        let part_acc = self.part_acc.ptr(&stream, entries * c.head_dim)?;
-        let part_ml = self.part_ml.ptr(&stream, entries * 2)?;
-        Ok(DecodeSplit {
-            split_tokens,
-            max_splits,
-            part_acc,
-            part_ml,
+        let dst = self.ints.ptr(&stream, ints.len())?;
+        // From pageable memory the driver stages the copy before returning (after the stream's
+        // earlier work), so `ints` may drop right away.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, ints, stream.cu_stream()) }
+            .map_err(|e| cuda_err("uploading the step's indices", e))?;
+        Ok(dst)
+    }
+
+    /// The step's activation buffers for `n` rows (grown on the main stream).
+    fn activations(&mut self, n: usize) -> Result<Activations, ModelError> {
+        let c = &self.config;
+        let stream = self.stream.clone();
+        Ok(Activations {
+            x: self.hidden.ptr(&stream, n * c.hidden_size)?,
+            normed: self.normed.ptr(&stream, n * c.hidden_size)?,
+            qkv: self.qkv_buf.ptr(&stream, n * qkv_width(c))?,
+            attn: self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?,
+            delta: self.delta.ptr(&stream, n * c.hidden_size)?,
+            gate_up: self.gate_up_buf.ptr(&stream, n * 2 * c.intermediate_size)?,
+            act: self.act.ptr(&stream, n * c.intermediate_size)?,
         })
+    }
+
+    /// The embedding rows of the `n` tokens of `plan` into `acts.x`, on `stream`.
+    fn embed(
+        &self,
+        stream: CUstream,
+        plan: &AttentionPlan,
+        ints: u64,
+        acts: &Activations,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        self.launch_on(
+            stream,
+            &self.kernels.gather_rows,
+            (n as u32, 1, 1),
+            128,
+            &[
+                Ptr(acts.x),
+                Ptr(raw_ptr(&self.embed, &self.stream)),
+                Ptr(ints + 4 * plan.tokens as u64),
+                I32(self.config.hidden_size as i32),
+            ],
+            "gather_rows (embedding)",
+        )?;
+        self.mark("embedding")
+    }
+
+    /// Layer `l` for the `n` rows of `plan` (indices at `ints` on the device), on `stream` with
+    /// `gemm` (a handle on that stream).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        l: usize,
+        stream: CUstream,
+        gemm: &Gemm,
+        plan: &AttentionPlan,
+        ints: u64,
+        acts: &Activations,
+        n: usize,
+        cache: &CudaKvCache,
+        split: &DecodeSplit,
+    ) -> Result<(), ModelError> {
+        self.layer_qkv(l, stream, gemm, plan, ints, acts, n, cache)?;
+        self.layer_attention(
+            l,
+            stream,
+            plan,
+            ints,
+            acts,
+            cache,
+            split,
+            AttentionPart::Both,
+        )?;
+        self.mark("attention")?;
+        self.layer_out(l, stream, gemm, acts, n)
+    }
+
+    /// Layer `l` up to attention: (residual add and) input norm, q/k/v projection, RoPE and
+    /// the K/V write into the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_qkv(
+        &self,
+        l: usize,
+        stream: CUstream,
+        gemm: &Gemm,
+        plan: &AttentionPlan,
+        ints: u64,
+        acts: &Activations,
+        n: usize,
+        cache: &CudaKvCache,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let main = &self.stream;
+        let layer = &self.layers[l];
+        let at = |off: usize| ints + 4 * off as u64;
+        // The residual add of the previous layer's MLP, then this layer's input norm.
+        let add = if l == 0 { 0 } else { acts.delta };
+        let norm_w = raw_ptr(&layer.input_norm, main);
+        self.add_rms_norm(stream, acts.normed, acts.x, add, norm_w, n, "add_rms_norm")?;
+        self.mark("add + rms_norm")?;
+        let qkv_w = raw_ptr(&layer.qkv, main);
+        gemm.bf16(
+            acts.qkv,
+            acts.normed,
+            qkv_w,
+            n,
+            c.hidden_size,
+            qkv_width(c),
+            false,
+        )?;
+        self.mark("gemm qkv")?;
+        let bias = layer.qkv_bias.as_ref().map_or(0, |b| raw_ptr(b, main));
+        let (kc, vc) = (
+            raw_ptr(&cache.keys[l], main),
+            raw_ptr(&cache.values[l], main),
+        );
+        self.launch_on(
+            stream,
+            &self.kernels.rope_write_kv,
+            (n as u32, 1, 1),
+            128,
+            &[
+                Ptr(acts.qkv),
+                Ptr(bias),
+                Ptr(at(plan.positions)),
+                Ptr(at(plan.slots)),
+                Ptr(raw_ptr(&self.inv_freq, main)),
+                Ptr(kc),
+                Ptr(vc),
+                I32(c.num_heads as i32),
+                I32(c.num_kv_heads as i32),
+                I32(c.head_dim as i32),
+            ],
+            "rope_write_kv",
+        )?;
+        self.mark("rope + kv write")
+    }
+
+    /// Layer `l`'s attention (`part` of it) on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_attention(
+        &self,
+        l: usize,
+        stream: CUstream,
+        plan: &AttentionPlan,
+        ints: u64,
+        acts: &Activations,
+        cache: &CudaKvCache,
+        split: &DecodeSplit,
+        part: AttentionPart,
+    ) -> Result<(), ModelError> {
+        let main = &self.stream;
+        let (kc, vc) = (
+            raw_ptr(&cache.keys[l], main),
+            raw_ptr(&cache.values[l], main),
+        );
+        let bs = cache.block_size;
+        self.attention(
+            stream, plan, ints, acts.qkv, acts.attn, kc, vc, bs, split, part,
+        )
+    }
+
+    /// Layer `l` after attention: O projection, residual add and norm, the MLP.
+    fn layer_out(
+        &self,
+        l: usize,
+        stream: CUstream,
+        gemm: &Gemm,
+        acts: &Activations,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let main = &self.stream;
+        let layer = &self.layers[l];
+        let Activations {
+            x,
+            normed,
+            attn,
+            delta,
+            gate_up,
+            act,
+            ..
+        } = *acts;
+        let o_w = raw_ptr(&layer.o, main);
+        gemm.bf16(delta, attn, o_w, n, c.num_heads * c.head_dim, h, false)?;
+        self.mark("gemm o")?;
+        let post = raw_ptr(&layer.post_norm, main);
+        self.add_rms_norm(stream, normed, x, delta, post, n, "add_rms_norm")?;
+        self.mark("add + rms_norm")?;
+        gemm.bf16(
+            gate_up,
+            normed,
+            raw_ptr(&layer.gate_up, main),
+            n,
+            h,
+            2 * inter,
+            false,
+        )?;
+        self.mark("gemm gate_up")?;
+        self.launch_on(
+            stream,
+            &self.kernels.silu_mul,
+            ((inter / 8).div_ceil(256) as u32, n.min(65535) as u32, 1),
+            256,
+            &[Ptr(act), Ptr(gate_up), I32(n as i32), I32(inter as i32)],
+            "silu_mul",
+        )?;
+        self.mark("silu_mul")?;
+        gemm.bf16(delta, act, raw_ptr(&layer.down, main), n, inter, h, false)?;
+        self.mark("gemm down")
+    }
+
+    /// On the main stream: the last residual add and the final norm over all `n` rows, then
+    /// the logits of the `rows` rows listed at device address `logit_rows`.
+    fn finish(
+        &mut self,
+        acts: &Activations,
+        n: usize,
+        logit_rows: u64,
+        rows: usize,
+    ) -> Result<(), ModelError> {
+        let c = self.config.clone();
+        let stream = self.stream.clone();
+        let final_norm = raw_ptr(&self.norm, &stream);
+        let main = stream.cu_stream();
+        self.add_rms_norm(
+            main,
+            acts.normed,
+            acts.x,
+            acts.delta,
+            final_norm,
+            n,
+            "add_rms_norm (final)",
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let selected = self.selected.ptr(&stream, rows * c.hidden_size)?;
+        self.launch(
+            &self.kernels.gather_rows,
+            (rows as u32, 1, 1),
+            128,
+            &[
+                Ptr(selected),
+                Ptr(acts.normed),
+                Ptr(logit_rows),
+                I32(c.hidden_size as i32),
+            ],
+            "gather_rows (logit rows)",
+        )?;
+        let logits = self.logits.ptr(&stream, rows * c.vocab_size)?;
+        let head = raw_ptr(self.lm_head.as_ref().unwrap_or(&self.embed), &stream);
+        self.gemm.bf16(
+            logits,
+            selected,
+            head,
+            rows,
+            c.hidden_size,
+            c.vocab_size,
+            true,
+        )
+    }
+
+    /// [`CudaLlama::forward`] under the overlapped executor (see [`overlap`]): two
+    /// nano-batches (rows `[0, n0)` and `[n0, n)` of the activation buffers) pipelined over the
+    /// compute and memory lanes layer by layer; the main stream waits for both lanes, then
+    /// norms and samples.
+    fn forward_overlapped(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        slots: &[usize],
+    ) -> Result<(), ModelError> {
+        let c = self.config.clone();
+        let nano = split_nano_batches(batch, slots);
+        let rows = [nano.slots[0].len(), nano.slots[1].len()];
+        let n = slots.len();
+        let plans = [
+            AttentionPlan::build(&nano.parts[0], &nano.slots[0], cache.block_size),
+            AttentionPlan::build(&nano.parts[1], &nano.slots[1], cache.block_size),
+        ];
+        // One upload: both plans, then the logit rows.
+        let mut ints = plans[0].ints.clone();
+        ints.extend_from_slice(&plans[1].ints);
+        let logit_base = ints.len();
+        ints.extend_from_slice(&nano.logit_rows);
+        let dev_ints = self.upload_ints(&ints)?;
+        let part_ints = [dev_ints, dev_ints + 4 * plans[0].ints.len() as u64];
+        let acts = self.activations(n)?;
+        let part_acts = [acts, acts.rows_from(&c, rows[0])];
+        let stream = self.stream.clone();
+        let overlap = self.overlap.as_mut().expect("called with lanes");
+        let memory_sms = overlap.lanes[1].sm_count;
+        let mut splits = Vec::with_capacity(2);
+        for (lane, plan) in overlap.lanes.iter_mut().zip(&plans) {
+            splits.push(decode_split(
+                &c,
+                memory_sms,
+                &stream,
+                plan,
+                &mut lane.part_acc,
+                &mut lane.part_ml,
+            )?);
+        }
+        // The lanes start after the uploads and allocations queued on the main stream.
+        record(overlap.start, stream.cu_stream())?;
+        let overlap = self.overlap.as_ref().expect("called with lanes");
+        let (compute, memory) = (overlap.lanes[0].stream(), overlap.lanes[1].stream());
+        let gemm = &overlap.lanes[0].gemm;
+        wait(compute, overlap.start)?;
+        wait(memory, overlap.start)?;
+        for k in 0..2 {
+            self.embed(compute, &plans[k], part_ints[k], &part_acts[k], rows[k])?;
+        }
+        for l in 0..c.num_layers {
+            for k in 0..2 {
+                let (plan, ints, acts) = (&plans[k], part_ints[k], &part_acts[k]);
+                self.layer_qkv(l, compute, gemm, plan, ints, acts, rows[k], cache)?;
+                if plan.decode_items > 0 {
+                    record(overlap.qkv_ready[k], compute)?;
+                    wait(memory, overlap.qkv_ready[k])?;
+                    let part = AttentionPart::Decode;
+                    self.layer_attention(l, memory, plan, ints, acts, cache, &splits[k], part)?;
+                    record(overlap.attention_done[k], memory)?;
+                }
+                let part = AttentionPart::Prefill;
+                self.layer_attention(l, compute, plan, ints, acts, cache, &splits[k], part)?;
+            }
+            for k in 0..2 {
+                if plans[k].decode_items > 0 {
+                    wait(compute, overlap.attention_done[k])?;
+                }
+                self.layer_out(l, compute, gemm, &part_acts[k], rows[k])?;
+            }
+        }
+        for lane in &overlap.lanes {
+            record(lane.done, lane.stream())?;
+            wait(stream.cu_stream(), lane.done)?;
+        }
+        let logit_rows = nano.logit_rows.len();
+        self.finish(&acts, n, dev_ints + 4 * logit_base as u64, logit_rows)?;
+        self.last_logit_rows = logit_rows;
+        Ok(())
     }
 
     /// One layer's attention for the step in `plan` (indices at `ints` on the device): decode
@@ -1197,6 +1565,7 @@ impl CudaLlama {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        stream: CUstream,
         plan: &AttentionPlan,
         ints: u64,
         qkv: u64,
@@ -1205,6 +1574,7 @@ impl CudaLlama {
         vc: u64,
         block_size: usize,
         split: &DecodeSplit,
+        part: AttentionPart,
     ) -> Result<(), ModelError> {
         let DecodeSplit {
             split_tokens,
@@ -1218,10 +1588,11 @@ impl CudaLlama {
         let bs_i = block_size as i32;
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
-        if plan.decode_items > 0 {
+        if plan.decode_items > 0 && part != AttentionPart::Prefill {
             let f = &self.kernels.decode[&(heads / kv_heads, d)];
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
-            self.launch(
+            self.launch_on(
+                stream,
                 f,
                 (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
                 128,
@@ -1245,7 +1616,8 @@ impl CudaLlama {
                 "paged decode attention",
             )?;
             if max_splits > 1 {
-                self.launch(
+                self.launch_on(
+                    stream,
                     &self.kernels.decode_reduce,
                     (plan.decode_items as u32, heads as u32, 1),
                     d as u32,
@@ -1264,7 +1636,7 @@ impl CudaLlama {
                 )?;
             }
         }
-        if plan.prefill_tiles > 0 {
+        if plan.prefill_tiles > 0 && part != AttentionPart::Decode {
             // (set_prefill_kernel checked that the variant exists and divides the group.)
             let (f, heads_per_block, threads, smem_bytes) = match self.prefill_kernel {
                 PrefillKernel::Wgmma(v) => (
@@ -1277,7 +1649,8 @@ impl CudaLlama {
                     (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
                 }
             };
-            self.launch_smem(
+            self.launch_smem_on(
+                stream,
                 f,
                 (
                     plan.prefill_tiles as u32,
@@ -1329,12 +1702,33 @@ impl CudaLlama {
             .qkv_buf
             .ptr(&stream, n * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)?;
         let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
-        let split = self.decode_split(&plan)?;
+        let split = decode_split(
+            &c,
+            self.sm_count,
+            &stream,
+            &plan,
+            &mut self.part_acc,
+            &mut self.part_ml,
+        )?;
         let (kc, vc) = (
             raw_ptr(&cache.keys[0], &stream),
             raw_ptr(&cache.values[0], &stream),
         );
-        let run = |m: &Self| m.attention(&plan, ints, qkv, attn, kc, vc, cache.block_size, &split);
+        let main = stream.cu_stream();
+        let run = |m: &Self| {
+            m.attention(
+                main,
+                &plan,
+                ints,
+                qkv,
+                attn,
+                kc,
+                vc,
+                cache.block_size,
+                &split,
+                AttentionPart::Both,
+            )
+        };
         run(self)?;
         self.time(repeats, |m| run(m))
     }
