@@ -3,8 +3,9 @@
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
 //! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
 //! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128; see
-//! [`PrefillKernel`]) or `mma.sync` elsewhere. Everything runs on one CUDA stream, in order,
-//! with no host synchronisation inside a step.
+//! [`PrefillKernel`]) or `mma.sync` elsewhere. By default everything runs on one CUDA stream,
+//! in order, with no host synchronisation inside a step; [`StepExecutor`] offers an overlapped
+//! executor (two nano-batches over a compute and a memory lane, see `overlap.rs`).
 //!
 //! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
 //! its streams private (non-blocking, created per thread, no accessor), so mixing the two would
