@@ -11,34 +11,20 @@
 use std::time::Instant;
 
 use model::cuda::{CudaLlama, PrefillKernel, WgmmaVariant};
-use model::{CudaStepModel, ForwardBatch, ModelConfig, SequenceChunk, StepModel};
+use model::{CudaStepModel, ForwardBatch, SequenceChunk, StepModel};
 use serde_json::json;
 
-const BLOCK: usize = 16;
+mod common;
 
-fn llama3_8b(layers: usize) -> ModelConfig {
-    let text = format!(
-        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": {layers},
-        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false}}"#
-    );
-    ModelConfig::from_hf_json(&text, std::path::Path::new("llama3-8b-shape")).expect("valid config")
-}
+use common::{llama3_8b, shuffled_block_ids};
+
+const BLOCK: usize = 16;
 
 /// `seqs` sequences each with a shuffled run of blocks; `chunk` new tokens at `start`.
 fn batch(seqs: usize, start: usize, chunk: usize, num_blocks: usize, logits: bool) -> ForwardBatch {
     let per_seq = (start + chunk).div_ceil(BLOCK);
     assert!(per_seq * seqs <= num_blocks, "cache too small");
-    // A fixed pseudo-random permutation of block ids, so tables are not contiguous.
-    let mut ids: Vec<u32> = (0..(per_seq * seqs) as u32).collect();
-    let mut x = 0x2545F491u64;
-    for i in (1..ids.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ids.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    let ids = shuffled_block_ids(per_seq * seqs);
     ForwardBatch {
         sequences: (0..seqs)
             .map(|s| SequenceChunk {

@@ -12,20 +12,14 @@
 use std::time::Instant;
 
 use model::cuda::{CudaLlama, StepExecutor};
-use model::{CudaStepModel, ForwardBatch, ModelConfig, SequenceChunk, StepModel};
+use model::{CudaStepModel, ForwardBatch, SequenceChunk, StepModel};
 use serde_json::json;
 
-const BLOCK: usize = 16;
+mod common;
 
-fn llama3_8b(layers: usize) -> ModelConfig {
-    let text = format!(
-        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": {layers},
-        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false}}"#
-    );
-    ModelConfig::from_hf_json(&text, std::path::Path::new("llama3-8b-shape")).expect("valid config")
-}
+use common::{llama3_8b, shuffled_block_ids};
+
+const BLOCK: usize = 16;
 
 /// Hands out the cache's blocks in a fixed shuffled order, so tables are not contiguous.
 struct Blocks {
@@ -35,15 +29,10 @@ struct Blocks {
 
 impl Blocks {
     fn new(num_blocks: usize) -> Blocks {
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        let mut x = 0x2545F491u64;
-        for i in (1..ids.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ids.swap(i, (x % (i as u64 + 1)) as usize);
+        Blocks {
+            ids: shuffled_block_ids(num_blocks),
+            next: 0,
         }
-        Blocks { ids, next: 0 }
     }
 
     fn take(&mut self, tokens: usize) -> Vec<u32> {

@@ -407,6 +407,24 @@ fn decode_split(
     })
 }
 
+/// The rows of a step one pass over the layers works on (the whole batch, or one nano-batch of
+/// the overlapped executor): their plan, where its indices sit on the device, their
+/// activation rows and their decode split.
+struct StepRows<'a> {
+    plan: &'a AttentionPlan,
+    ints: u64,
+    acts: Activations,
+    rows: usize,
+    split: DecodeSplit,
+}
+
+impl StepRows<'_> {
+    /// Device address of the plan's index array at `offset` (in i32s).
+    fn at(&self, offset: usize) -> u64 {
+        self.ints + 4 * offset as u64
+    }
+}
+
 /// Which of a step's attention work [`CudaLlama::attention`] queues.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AttentionPart {
@@ -1162,10 +1180,17 @@ impl CudaLlama {
             &mut self.part_acc,
             &mut self.part_ml,
         )?;
+        let step = StepRows {
+            plan: &plan,
+            ints,
+            acts,
+            rows: n,
+            split,
+        };
         let main = stream.cu_stream();
-        self.embed(main, &plan, ints, &acts, n)?;
+        self.embed(main, &step)?;
         for l in 0..c.num_layers {
-            self.layer(l, main, &self.gemm, &plan, ints, &acts, n, cache, &split)?;
+            self.layer(l, main, &self.gemm, &step, cache)?;
         }
         let rows = plan.num_logit_rows;
         self.finish(&acts, n, ints + 4 * plan.logit_rows as u64, rows)?;
@@ -1236,24 +1261,17 @@ impl CudaLlama {
         })
     }
 
-    /// The embedding rows of the `n` tokens of `plan` into `acts.x`, on `stream`.
-    fn embed(
-        &self,
-        stream: CUstream,
-        plan: &AttentionPlan,
-        ints: u64,
-        acts: &Activations,
-        n: usize,
-    ) -> Result<(), ModelError> {
+    /// The embedding rows of the tokens of `rows` into their residual rows, on `stream`.
+    fn embed(&self, stream: CUstream, rows: &StepRows) -> Result<(), ModelError> {
         self.launch_on(
             stream,
             &self.kernels.gather_rows,
-            (n as u32, 1, 1),
+            (rows.rows as u32, 1, 1),
             128,
             &[
-                Ptr(acts.x),
+                Ptr(rows.acts.x),
                 Ptr(raw_ptr(&self.embed, &self.stream)),
-                Ptr(ints + 4 * plan.tokens as u64),
+                Ptr(rows.at(rows.plan.tokens)),
                 I32(self.config.hidden_size as i32),
             ],
             "gather_rows (embedding)",
@@ -1261,54 +1279,35 @@ impl CudaLlama {
         self.mark("embedding")
     }
 
-    /// Layer `l` for the `n` rows of `plan` (indices at `ints` on the device), on `stream` with
-    /// `gemm` (a handle on that stream).
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `l` for `rows`, on `stream` with `gemm` (a handle on that stream).
     fn layer(
         &self,
         l: usize,
         stream: CUstream,
         gemm: &Gemm,
-        plan: &AttentionPlan,
-        ints: u64,
-        acts: &Activations,
-        n: usize,
+        rows: &StepRows,
         cache: &CudaKvCache,
-        split: &DecodeSplit,
     ) -> Result<(), ModelError> {
-        self.layer_qkv(l, stream, gemm, plan, ints, acts, n, cache)?;
-        self.layer_attention(
-            l,
-            stream,
-            plan,
-            ints,
-            acts,
-            cache,
-            split,
-            AttentionPart::Both,
-        )?;
+        self.layer_qkv(l, stream, gemm, rows, cache)?;
+        self.layer_attention(l, stream, rows, cache, AttentionPart::Both)?;
         self.mark("attention")?;
-        self.layer_out(l, stream, gemm, acts, n)
+        self.layer_out(l, stream, gemm, rows)
     }
 
     /// Layer `l` up to attention: (residual add and) input norm, q/k/v projection, RoPE and
     /// the K/V write into the cache.
-    #[allow(clippy::too_many_arguments)]
     fn layer_qkv(
         &self,
         l: usize,
         stream: CUstream,
         gemm: &Gemm,
-        plan: &AttentionPlan,
-        ints: u64,
-        acts: &Activations,
-        n: usize,
+        rows: &StepRows,
         cache: &CudaKvCache,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let main = &self.stream;
         let layer = &self.layers[l];
-        let at = |off: usize| ints + 4 * off as u64;
+        let (acts, n) = (&rows.acts, rows.rows);
         // The residual add of the previous layer's MLP, then this layer's input norm.
         let add = if l == 0 { 0 } else { acts.delta };
         let norm_w = raw_ptr(&layer.input_norm, main);
@@ -1338,8 +1337,8 @@ impl CudaLlama {
             &[
                 Ptr(acts.qkv),
                 Ptr(bias),
-                Ptr(at(plan.positions)),
-                Ptr(at(plan.slots)),
+                Ptr(rows.at(rows.plan.positions)),
+                Ptr(rows.at(rows.plan.slots)),
                 Ptr(raw_ptr(&self.inv_freq, main)),
                 Ptr(kc),
                 Ptr(vc),
@@ -1353,16 +1352,12 @@ impl CudaLlama {
     }
 
     /// Layer `l`'s attention (`part` of it) on `stream`.
-    #[allow(clippy::too_many_arguments)]
     fn layer_attention(
         &self,
         l: usize,
         stream: CUstream,
-        plan: &AttentionPlan,
-        ints: u64,
-        acts: &Activations,
+        rows: &StepRows,
         cache: &CudaKvCache,
-        split: &DecodeSplit,
         part: AttentionPart,
     ) -> Result<(), ModelError> {
         let main = &self.stream;
@@ -1370,9 +1365,19 @@ impl CudaLlama {
             raw_ptr(&cache.keys[l], main),
             raw_ptr(&cache.values[l], main),
         );
+        let (qkv, attn) = (rows.acts.qkv, rows.acts.attn);
         let bs = cache.block_size;
         self.attention(
-            stream, plan, ints, acts.qkv, acts.attn, kc, vc, bs, split, part,
+            stream,
+            rows.plan,
+            rows.ints,
+            qkv,
+            attn,
+            kc,
+            vc,
+            bs,
+            &rows.split,
+            part,
         )
     }
 
@@ -1382,13 +1387,13 @@ impl CudaLlama {
         l: usize,
         stream: CUstream,
         gemm: &Gemm,
-        acts: &Activations,
-        n: usize,
+        rows: &StepRows,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let main = &self.stream;
         let layer = &self.layers[l];
+        let n = rows.rows;
         let Activations {
             x,
             normed,
@@ -1397,7 +1402,7 @@ impl CudaLlama {
             gate_up,
             act,
             ..
-        } = *acts;
+        } = rows.acts;
         let o_w = raw_ptr(&layer.o, main);
         gemm.bf16(delta, attn, o_w, n, c.num_heads * c.head_dim, h, false)?;
         self.mark("gemm o")?;
@@ -1508,16 +1513,22 @@ impl CudaLlama {
         let stream = self.stream.clone();
         let overlap = self.overlap.as_mut().expect("called with lanes");
         let memory_sms = overlap.lanes[1].sm_count;
-        let mut splits = Vec::with_capacity(2);
-        for (lane, plan) in overlap.lanes.iter_mut().zip(&plans) {
-            splits.push(decode_split(
-                &c,
-                memory_sms,
-                &stream,
-                plan,
-                &mut lane.part_acc,
-                &mut lane.part_ml,
-            )?);
+        let mut parts = Vec::with_capacity(2);
+        for (k, lane) in overlap.lanes.iter_mut().enumerate() {
+            parts.push(StepRows {
+                plan: &plans[k],
+                ints: part_ints[k],
+                acts: part_acts[k],
+                rows: rows[k],
+                split: decode_split(
+                    &c,
+                    memory_sms,
+                    &stream,
+                    &plans[k],
+                    &mut lane.part_acc,
+                    &mut lane.part_ml,
+                )?,
+            });
         }
         // The lanes start after the uploads and allocations queued on the main stream.
         record(overlap.start, stream.cu_stream())?;
@@ -1526,28 +1537,25 @@ impl CudaLlama {
         let gemm = &overlap.lanes[0].gemm;
         wait(compute, overlap.start)?;
         wait(memory, overlap.start)?;
-        for k in 0..2 {
-            self.embed(compute, &plans[k], part_ints[k], &part_acts[k], rows[k])?;
+        for part in &parts {
+            self.embed(compute, part)?;
         }
         for l in 0..c.num_layers {
-            for k in 0..2 {
-                let (plan, ints, acts) = (&plans[k], part_ints[k], &part_acts[k]);
-                self.layer_qkv(l, compute, gemm, plan, ints, acts, rows[k], cache)?;
-                if plan.decode_items > 0 {
+            for (k, part) in parts.iter().enumerate() {
+                self.layer_qkv(l, compute, gemm, part, cache)?;
+                if part.plan.decode_items > 0 {
                     record(overlap.qkv_ready[k], compute)?;
                     wait(memory, overlap.qkv_ready[k])?;
-                    let part = AttentionPart::Decode;
-                    self.layer_attention(l, memory, plan, ints, acts, cache, &splits[k], part)?;
+                    self.layer_attention(l, memory, part, cache, AttentionPart::Decode)?;
                     record(overlap.attention_done[k], memory)?;
                 }
-                let part = AttentionPart::Prefill;
-                self.layer_attention(l, compute, plan, ints, acts, cache, &splits[k], part)?;
+                self.layer_attention(l, compute, part, cache, AttentionPart::Prefill)?;
             }
-            for k in 0..2 {
-                if plans[k].decode_items > 0 {
+            for (k, part) in parts.iter().enumerate() {
+                if part.plan.decode_items > 0 {
                     wait(compute, overlap.attention_done[k])?;
                 }
-                self.layer_out(l, compute, gemm, &part_acts[k], rows[k])?;
+                self.layer_out(l, compute, gemm, part)?;
             }
         }
         for lane in &overlap.lanes {

@@ -110,10 +110,6 @@ struct LaneStream {
 }
 
 impl LaneStream {
-    fn raw(&self) -> CUstream {
-        self.stream
-    }
-
     /// A stream of the current (primary) context at `priority` (lower is more urgent).
     fn plain(priority: i32) -> Result<LaneStream, ModelError> {
         let mut stream: CUstream = std::ptr::null_mut();
@@ -168,12 +164,6 @@ pub(super) struct Lane {
     /// Recorded when the lane's last operation of a step is queued.
     pub(super) done: CUevent,
     stream: LaneStream,
-}
-
-impl Lane {
-    pub(super) fn stream(&self) -> CUstream {
-        self.stream.raw()
-    }
 }
 
 impl Drop for Lane {
@@ -298,7 +288,7 @@ impl Lane {
         sm_count: usize,
     ) -> Result<Lane, ModelError> {
         let gemm = Gemm::new(main.clone())?;
-        gemm.set_stream(stream.raw())?;
+        gemm.set_stream(stream.stream)?;
         Ok(Lane {
             gemm,
             part_acc: Scratch::new(),
@@ -307,6 +297,10 @@ impl Lane {
             done: sync_event()?,
             stream,
         })
+    }
+
+    pub(super) fn stream(&self) -> CUstream {
+        self.stream.stream
     }
 }
 
@@ -404,8 +398,7 @@ fn green_lane_streams(
         sys::CUresult::CUDA_SUCCESS => Ok(()),
         e => Err(green(what, e)),
     };
-    ctx.bind_to_thread()
-        .map_err(|e| cuda_err("binding the context", e))?;
+    // (`Overlap::new` made the primary context current.)
     let dev = ctx.cu_device();
     // SAFETY: plain-data driver structs, zeroed as the driver expects, filled by the calls below;
     // the handles made here are owned by the returned `LaneStream`s (or destroyed on error by

@@ -1,0 +1,28 @@
+//! What the CUDA benchmark examples share: the Llama-3-8B shape and shuffled block ids.
+
+use model::ModelConfig;
+
+/// Llama-3-8B's shape with `layers` layers.
+pub fn llama3_8b(layers: usize) -> ModelConfig {
+    let text = format!(
+        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": {layers},
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false}}"#
+    );
+    ModelConfig::from_hf_json(&text, std::path::Path::new("llama3-8b-shape")).expect("valid config")
+}
+
+/// Block ids `0..n` in a fixed pseudo-random order (xorshift), so block tables are not
+/// contiguous.
+pub fn shuffled_block_ids(n: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..n as u32).collect();
+    let mut x = 0x2545F491u64;
+    for i in (1..ids.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ids.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    ids
+}
