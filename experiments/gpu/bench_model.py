@@ -177,6 +177,9 @@ def main():
         for v in a.get("variants", []):
             print(f"      {v['kernel']:34s} {v['secs']*1e6:8.1f} us ({v['tflops']:4.0f} TFLOP/s) ratio {b['secs']/v['secs']:.2f}  "
                   f"max|diff| vs mma.sync {v['max_abs_diff_vs_mma_sync']:.1e}, non-finite {v['non_finite']}")
+    for b in ours.get("prefill_block_sizes", []):
+        print(f"  default kernel over blocks of {b['block_size']:3d} tokens: max|diff| vs mma.sync "
+              f"{b['max_abs_diff_vs_mma_sync']:.1e}, non-finite {b['non_finite']}")
     peak = max(g["tflops"] for g in ours["gemm"]) * 1e12
     params = VOCAB * H + ours["steps"][0]["layers"] * (H * (HEADS + 2 * KV) * D + H * HEADS * D + 3 * H * INTER)
     print(f"Whole steps ({ours['steps'][0]['layers']} layers; roofline = max(weight + KV bytes / copy BW, linear-layer FLOPs / best GEMM rate {peak/1e12:.0f} TFLOP/s))")

@@ -92,13 +92,16 @@ pub struct RunArgs {
     /// TOML overriding [hardware] fields (a calibrated cost model).
     #[arg(long)]
     pub hardware_config: Option<PathBuf>,
-    /// Executor the bound and the prediction assume: sum, max, partial:E.
-    #[arg(long, default_value = "sum")]
-    pub executor: String,
-    /// CUDA only: how the GPU runs a step: sequential, or nano-batches overlapping decode
-    /// attention with GEMMs: overlap (shared SMs), overlap-gemm:N (cuBLAS sized to leave N SMs
-    /// to decode attention), overlap-green:N (green contexts, N SMs for decode attention).
-    /// Measured slower than sequential so far (experiments/NOTES.md).
+    /// Executor the policies' cost model, the bound and the prediction assume: sum, max,
+    /// partial:E. Default: sum, or with `--step-executor auto` what its profile measured.
+    #[arg(long)]
+    pub executor: Option<String>,
+    /// How the GPU runs a step: sequential, or nano-batches overlapping decode attention with
+    /// GEMMs (CUDA only): overlap (shared SMs), overlap-gemm:N (cuBLAS sized to leave N SMs to
+    /// decode attention), overlap-green:N (green contexts, N SMs for decode attention); or auto:
+    /// time a probe step at the cost model's balance point under each and keep the fastest, and
+    /// (unless --executor is given) price steps with the overlap it measured. Overlap measured
+    /// slower than sequential so far (experiments/NOTES.md).
     #[arg(long, default_value = "sequential")]
     pub step_executor: String,
     /// Also simulate this very run (same workload, scheduler and KV size) with the performance
@@ -738,6 +741,10 @@ pub struct RunReport {
     pub sample_secs: f64,
     pub hardware: String,
     pub executor: String,
+    /// How the device ran the steps.
+    pub step_executor: String,
+    /// With `--step-executor auto`: the probe and each executor's time on it.
+    pub executor_profile: Option<model::ExecutorProfile>,
     pub optimal_bound_secs: Option<f64>,
     pub percent_of_optimal: Option<f64>,
     pub predicted_secs: Option<f64>,
@@ -753,7 +760,7 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
             if args.random_weights {
                 bail!("--random-weights needs --device cuda");
             }
-            if args.step_executor != "sequential" {
+            if !matches!(args.step_executor.as_str(), "sequential" | "auto") {
                 bail!("--step-executor {} needs --device cuda", args.step_executor);
             }
             // config.json is already read (`config`); only the weights are left to load.
@@ -780,12 +787,15 @@ fn load_cuda(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<
         model::cuda::CudaLlama::from_store(config.clone(), &store, 0)
             .with_context(|| format!("loading {}", dir.display()))?
     };
-    let executor: model::cuda::StepExecutor = args
-        .step_executor
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--step-executor: {e}"))?;
-    m.set_executor(executor)
-        .with_context(|| format!("--step-executor {executor}"))?;
+    // (auto: sequential until the profile in `choose_step_executor` picks one.)
+    if args.step_executor != "auto" {
+        let executor: model::cuda::StepExecutor = args
+            .step_executor
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--step-executor: {e}"))?;
+        m.set_executor(executor)
+            .with_context(|| format!("--step-executor {executor}"))?;
+    }
     let memory = m.memory_info()?;
     Ok((Box::new(model::CudaStepModel::new(m)), Some(memory)))
 }
@@ -856,7 +866,7 @@ fn kv_blocks(
 }
 
 fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<PerfModel> {
-    let executor: Executor = args.executor.parse()?;
+    let executor: Executor = args.executor.as_deref().unwrap_or("sum").parse()?;
     let overrides = match &args.hardware_config {
         Some(path) => scheduler::OverrideFile::read(path)?,
         None => scheduler::OverrideFile::default(),
@@ -867,6 +877,74 @@ fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<Perf
         hardware,
         executor,
     ))
+}
+
+/// `--step-executor auto`: times a probe step at the cost model's balance point under each
+/// executor the device offers (the cache it allocates for that is reallocated, empty, when the
+/// run starts), keeps the fastest, and, unless `--executor` was given, prices steps with the
+/// overlap it measured (`sum` when sequential wins, else `partial:E`).
+fn choose_step_executor(
+    args: &RunArgs,
+    model: &mut dyn StepModel,
+    num_kv_blocks: u32,
+    perf: &mut PerfModel,
+) -> Result<Option<model::ExecutorProfile>> {
+    let s = &args.scheduler;
+    let Some(probe) = engine::balanced_probe(
+        perf,
+        s.max_batch_tokens,
+        s.max_running,
+        num_kv_blocks,
+        s.block_tokens,
+    ) else {
+        tracing::warn!("--step-executor auto: no probe step fits the KV cache; sequential");
+        return Ok(None);
+    };
+    model.allocate_cache(num_kv_blocks as usize, s.block_tokens as usize)?;
+    let t = Instant::now();
+    let Some(profile) = model.choose_step_executor(&probe)? else {
+        return Ok(None);
+    };
+    let (fastest, fastest_secs) = profile.fastest();
+    let mut lines = vec![format!(
+        "--step-executor auto ({:.1}s): probe of {} prefill tokens + {} decodes at context {}: \
+         sequential {:.2} ms (prefill part alone {:.2}, decode part alone {:.2})",
+        t.elapsed().as_secs_f64(),
+        probe.prefill_tokens,
+        probe.decode_seqs,
+        probe.decode_context,
+        profile.sequential_secs * 1e3,
+        profile.prefill_alone_secs * 1e3,
+        profile.decode_alone_secs * 1e3,
+    )];
+    for c in &profile.candidates {
+        lines.push(match (c.secs, &c.error) {
+            (Some(secs), _) => format!(
+                "  {}: {:.2} ms, {:.3}x sequential, overlap efficiency {:.2}",
+                c.executor,
+                secs * 1e3,
+                profile.sequential_secs / secs,
+                profile.overlap_efficiency(secs)
+            ),
+            (None, error) => format!("  {}: {}", c.executor, error.as_deref().unwrap_or("-")),
+        });
+    }
+    let efficiency = profile.overlap_efficiency(fastest_secs).clamp(0.0, 1.0);
+    if args.executor.is_none() {
+        perf.executor = if fastest == profile.sequential {
+            Executor::Sequential
+        } else {
+            Executor::Partial {
+                overlap_efficiency: efficiency,
+            }
+        };
+    }
+    lines.push(format!(
+        "  chose {fastest}; the cost model prices steps as `{}`",
+        perf.executor
+    ));
+    eprintln!("{}", lines.join("\n"));
+    Ok(Some(profile))
 }
 
 /// The workload the scheduler sees, with the lengths each request actually generated (for the
@@ -965,7 +1043,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let num_kv_blocks = kv_blocks(args, &info.config, model.kv_bytes_per_token(), memory)?
         .min(u32::try_from(needed_blocks).unwrap_or(u32::MAX));
     let dtype_bytes = if memory.is_some() { 2 } else { 4 };
-    let perf = perf_model(args, &info, dtype_bytes)?;
+    let mut perf = perf_model(args, &info, dtype_bytes)?;
+    let executor_profile = if args.step_executor == "auto" {
+        choose_step_executor(args, &mut *model, num_kv_blocks, &mut perf)?
+    } else {
+        None
+    };
+    let step_executor = match &executor_profile {
+        Some(profile) => profile.fastest().0.to_string(),
+        None if args.step_executor == "auto" => "sequential".to_string(),
+        None => args.step_executor.clone(),
+    };
     let lengths = if args.assume_known_lengths {
         LengthKnowledge::Known
     } else {
@@ -1128,6 +1216,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         sample_secs: stats.sample_secs,
         hardware: perf.hardware.name.clone(),
         executor: perf.executor.to_string(),
+        step_executor,
+        executor_profile,
         optimal_bound_secs: bound_secs,
         percent_of_optimal: bound_secs.map(|b| 100.0 * b / elapsed_secs.max(1e-9)),
         predicted_secs,

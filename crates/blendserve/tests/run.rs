@@ -84,8 +84,15 @@ fn demo_batch_runs_with_no_arguments_and_writes_every_answer_in_order() {
     assert_eq!(report["succeeded"], 20);
     assert_eq!(report["failed"], 0);
     assert!(report["optimal_bound_secs"].as_f64().unwrap() > 0.0);
-    // Standard output gets the same answers in the same order.
-    let stdout = blendserve().args(["run"]).output().unwrap();
+    assert_eq!(report["step_executor"], "sequential");
+    assert_eq!(report["executor"], "sum");
+    assert!(report["executor_profile"].is_null());
+    // Standard output gets the same answers in the same order (and on the CPU, `auto` has no
+    // executor to choose but the sequential one).
+    let stdout = blendserve()
+        .args(["run", "--step-executor", "auto"])
+        .output()
+        .unwrap();
     assert!(stdout.status.success());
     let from_stdout: Vec<Value> = String::from_utf8(stdout.stdout)
         .unwrap()
@@ -269,6 +276,7 @@ fn a_bad_setting_fails_before_the_output_is_touched() {
         vec!["--lengths", "psychic"],
         vec!["--kv-memory-fraction", "1.5"],
         vec!["--executor", "parallel"],
+        vec!["--step-executor", "overlap"],
     ] {
         let mut args = vec!["run", "--output", out.to_str().unwrap()];
         args.extend(&bad);

@@ -11,6 +11,8 @@
 //! Must not touch: scheduling decisions (the scheduler's), request files and the CLI (the
 //! `blendserve` binary's), GPU kernels (the model's).
 
+mod probe;
+
 use std::time::Instant;
 
 use kv_cache::{KvCacheConfig, KvUsage, SeqId};
@@ -23,6 +25,8 @@ use scheduler::{
     Scheduler, SchedulerConfig, SchedulerError, SchedulerStats,
 };
 use workload::{Chunk, Request, Workload};
+
+pub use probe::balanced_probe;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

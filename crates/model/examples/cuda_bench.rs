@@ -22,7 +22,19 @@ const BLOCK: usize = 16;
 
 /// `seqs` sequences each with a shuffled run of blocks; `chunk` new tokens at `start`.
 fn batch(seqs: usize, start: usize, chunk: usize, num_blocks: usize, logits: bool) -> ForwardBatch {
-    let per_seq = (start + chunk).div_ceil(BLOCK);
+    batch_in_blocks(seqs, start, chunk, num_blocks, BLOCK, logits)
+}
+
+/// [`batch`] for a cache of `block`-token blocks.
+fn batch_in_blocks(
+    seqs: usize,
+    start: usize,
+    chunk: usize,
+    num_blocks: usize,
+    block: usize,
+    logits: bool,
+) -> ForwardBatch {
+    let per_seq = (start + chunk).div_ceil(block);
     assert!(per_seq * seqs <= num_blocks, "cache too small");
     let ids = shuffled_block_ids(per_seq * seqs);
     ForwardBatch {
@@ -219,6 +231,41 @@ fn main() {
     }
     out.insert("prefill_attention".into(), json!(prefill));
     drop(cache);
+
+    // The default prefill kernel over caches of other block sizes (TMA boxes of 8 rows, of 64
+    // keys inside 128-token blocks; blocks of 12, which TMA cannot take, fall back), against
+    // mma.sync on the same inputs: 2 sequences, 300 new tokens after 100 cached.
+    let mut block_sizes = Vec::new();
+    for block in [8, 12, 128] {
+        let num_blocks = 2 * 400usize.div_ceil(block) + 4;
+        let cache = one.new_cache(num_blocks, block).expect("cache");
+        let bt = batch_in_blocks(2, 100, 300, num_blocks, block, false);
+        one.randomize_attention_inputs(&bt, &cache, 11)
+            .expect("random inputs");
+        let mut outputs = Vec::new();
+        for kernel in [default_kernel, PrefillKernel::MmaSync] {
+            one.set_prefill_kernel(kernel).expect("kernel");
+            one.time_attention(&bt, &cache, 1)
+                .expect("prefill attention");
+            outputs.push(one.attention_output(600).expect("output"));
+        }
+        one.set_prefill_kernel(default_kernel).expect("kernel");
+        let max_abs_diff = outputs[0]
+            .iter()
+            .zip(&outputs[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let non_finite = outputs[0].iter().filter(|x| !x.is_finite()).count();
+        eprintln!(
+            "prefill attention, blocks of {block}: max |diff| default vs mma.sync \
+             {max_abs_diff:.2e}, {non_finite} non-finite"
+        );
+        block_sizes.push(
+            json!({"block_size": block, "max_abs_diff_vs_mma_sync": max_abs_diff,
+                                "non_finite": non_finite}),
+        );
+    }
+    out.insert("prefill_block_sizes".into(), json!(block_sizes));
     drop(one);
 
     // Whole steps of the 32-layer model.

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use model::cuda::{CudaLlama, StepExecutor};
-use model::{CudaStepModel, ForwardBatch, SequenceChunk, StepModel};
+use model::{CudaStepModel, ProbeBlend, StepModel};
 use serde_json::json;
 
 mod common;
@@ -20,62 +20,6 @@ mod common;
 use common::{llama3_8b, shuffled_block_ids};
 
 const BLOCK: usize = 16;
-
-/// Hands out the cache's blocks in a fixed shuffled order, so tables are not contiguous.
-struct Blocks {
-    ids: Vec<u32>,
-    next: usize,
-}
-
-impl Blocks {
-    fn new(num_blocks: usize) -> Blocks {
-        Blocks {
-            ids: shuffled_block_ids(num_blocks),
-            next: 0,
-        }
-    }
-
-    fn take(&mut self, tokens: usize) -> Vec<u32> {
-        let n = tokens.div_ceil(BLOCK);
-        assert!(self.next + n <= self.ids.len(), "cache too small");
-        self.next += n;
-        self.ids[self.next - n..self.next].to_vec()
-    }
-}
-
-fn seq(tokens: usize, start: usize, salt: usize, blocks: &mut Blocks) -> SequenceChunk {
-    SequenceChunk {
-        tokens: (0..tokens)
-            .map(|i| ((salt * 7919 + i * 31) % 128000) as u32 + 3)
-            .collect(),
-        start_position: start,
-        block_table: blocks.take(start + tokens),
-        logits: true,
-    }
-}
-
-/// One prefill chunk of `prefill_tokens` (as sequences of at most 2048 tokens) and
-/// `decode_seqs` decode tokens at context `ctx`, decode sequences first (the engine's order).
-fn blend(
-    prefill_tokens: usize,
-    decode_seqs: usize,
-    ctx: usize,
-    blocks: &mut Blocks,
-) -> ForwardBatch {
-    let mut sequences = Vec::new();
-    for d in 0..decode_seqs {
-        sequences.push(seq(1, ctx - 1, d, blocks));
-    }
-    let mut left = prefill_tokens;
-    let mut salt = decode_seqs;
-    while left > 0 {
-        let n = left.min(2048);
-        sequences.push(seq(n, 0, salt, blocks));
-        left -= n;
-        salt += 1;
-    }
-    ForwardBatch { sequences }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -108,51 +52,36 @@ fn main() {
     let t0 = Instant::now();
     let mut model = CudaStepModel::new(CudaLlama::random(llama3_8b(layers), 0, 2).expect("model"));
     eprintln!("{layers}-layer model in {:.1}s", t0.elapsed().as_secs_f64());
-    let max_tokens = blends
+    let probe = |(prefill_tokens, decode_seqs): (usize, usize)| ProbeBlend {
+        prefill_tokens,
+        decode_seqs,
+        decode_context: ctx,
+    };
+    let num_blocks = blends
         .iter()
-        .map(|&(p, d)| p + BLOCK * 2 + d * (ctx + BLOCK))
+        .map(|&b| probe(b).blocks_needed(BLOCK))
         .max()
-        .unwrap_or(0);
-    let num_blocks = max_tokens / BLOCK + 64;
+        .unwrap_or(0)
+        + 64;
     model.allocate_cache(num_blocks, BLOCK).expect("cache");
     let sm_total = model.model().sm_count();
+    // Shuffled blocks, so no block table is contiguous.
+    let block_ids = shuffled_block_ids(num_blocks);
 
-    let try_time = |m: &mut CudaStepModel, b: &ForwardBatch, reps: usize| {
-        m.step_async(b)?;
-        m.model().synchronize()?;
-        let t = Instant::now();
-        for _ in 0..reps {
-            m.step_async(b)?;
-        }
-        m.model().synchronize()?;
-        Ok::<f64, model::ModelError>(t.elapsed().as_secs_f64() / reps as f64)
-    };
-    let time = |m: &mut CudaStepModel, b: &ForwardBatch, reps: usize| -> f64 {
-        try_time(m, b, reps).expect("step")
-    };
     let reps = 4;
     let mut rows = Vec::new();
     for &(p, d) in blends {
-        let mut blocks = Blocks::new(num_blocks);
-        let b = blend(p, d, ctx, &mut blocks);
-        let parts: Vec<ForwardBatch> = [true, false]
-            .iter()
-            .map(|&prefill| ForwardBatch {
-                sequences: b
-                    .sequences
-                    .iter()
-                    .filter(|s| (s.tokens.len() > 1) == prefill)
-                    .cloned()
-                    .collect(),
-            })
-            .collect();
+        let [b, prefill_part, decode_part] = probe((p, d))
+            .batches(BLOCK, &block_ids)
+            .expect("cache holds the blend");
         model
             .model_mut()
             .set_executor(StepExecutor::Sequential)
             .expect("executor");
-        let sequential = time(&mut model, &b, reps);
-        let prefill_alone = time(&mut model, &parts[0], reps);
-        let decode_alone = time(&mut model, &parts[1], reps);
+        let mut time = |batch| model.time_steps(batch, reps).expect("step");
+        let sequential = time(&b);
+        let prefill_alone = time(&prefill_part);
+        let decode_alone = time(&decode_part);
         let reference = model.step_greedy(&b).expect("step");
         // Logits of the (1024, 128) blend, compared across executors.
         let compare_logits = (p, d) == (1024, 128);
@@ -176,8 +105,9 @@ fn main() {
                 by_executor.push(json!({"executor": e.to_string(), "error": err.to_string()}));
                 continue;
             }
-            let run =
-                try_time(&mut model, &b, reps).and_then(|secs| Ok((secs, model.step_greedy(&b)?)));
+            let run = model
+                .time_steps(&b, reps)
+                .and_then(|secs| Ok((secs, model.step_greedy(&b)?)));
             let (secs, tokens) = match run {
                 Ok(r) => r,
                 Err(err) => {

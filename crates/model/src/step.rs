@@ -5,6 +5,7 @@ use burn::tensor::backend::Backend;
 
 use crate::config::ModelConfig;
 use crate::forward::{logits_rows, ForwardBatch, LlamaModel, PagedKvCache};
+use crate::probe::{ExecutorProfile, ProbeBlend};
 use crate::ModelError;
 
 pub trait StepModel {
@@ -27,6 +28,18 @@ pub trait StepModel {
             .iter()
             .map(|row| argmax(row))
             .collect())
+    }
+
+    /// Chooses how the device runs steps from a short profile of `blend`: times it under each
+    /// executor the device offers, keeps the fastest and returns what was measured. `Ok(None)`
+    /// where there is nothing to choose (the burn path). Needs a cache that holds the probe
+    /// (its blocks are overwritten).
+    fn choose_step_executor(
+        &mut self,
+        blend: &ProbeBlend,
+    ) -> Result<Option<ExecutorProfile>, ModelError> {
+        let _ = blend;
+        Ok(None)
     }
 }
 
@@ -97,8 +110,11 @@ pub use cuda_step::CudaStepModel;
 
 #[cfg(feature = "cuda")]
 mod cuda_step {
+    use std::time::Instant;
+
     use super::*;
-    use crate::cuda::{CudaKvCache, CudaLlama};
+    use crate::cuda::{CudaKvCache, CudaLlama, StepExecutor};
+    use crate::probe::ExecutorTiming;
 
     /// The CUDA fast path and its cache.
     pub struct CudaStepModel {
@@ -123,6 +139,66 @@ mod cuda_step {
         pub fn step_async(&mut self, batch: &ForwardBatch) -> Result<(), ModelError> {
             let cache = self.cache.as_mut().ok_or_else(no_cache)?;
             self.model.forward(batch, cache)
+        }
+
+        /// Wall seconds a step of `batch` takes, averaged over `repeats` steps after one
+        /// warm-up (0 for an empty batch).
+        pub fn time_steps(
+            &mut self,
+            batch: &ForwardBatch,
+            repeats: usize,
+        ) -> Result<f64, ModelError> {
+            if batch.sequences.is_empty() {
+                return Ok(0.0);
+            }
+            self.step_async(batch)?;
+            self.model.synchronize()?;
+            let t = Instant::now();
+            for _ in 0..repeats.max(1) {
+                self.step_async(batch)?;
+            }
+            self.model.synchronize()?;
+            Ok(t.elapsed().as_secs_f64() / repeats.max(1) as f64)
+        }
+
+        /// Times `blend` (from the cache's first blocks) under the sequential executor, its
+        /// prefill and decode parts alone, and each of `candidates`, `repeats` steps each; the
+        /// executor is left as it was.
+        pub fn profile_executors(
+            &mut self,
+            blend: &ProbeBlend,
+            candidates: &[StepExecutor],
+            repeats: usize,
+        ) -> Result<ExecutorProfile, ModelError> {
+            let cache = self.cache.as_ref().ok_or_else(no_cache)?;
+            let ids: Vec<u32> = (0..cache.num_blocks() as u32).collect();
+            let [whole, prefill, decode] = blend.batches(cache.block_size(), &ids)?;
+            let before = self.model.executor();
+            self.model.set_executor(StepExecutor::Sequential)?;
+            let sequential_secs = self.time_steps(&whole, repeats)?;
+            let prefill_alone_secs = self.time_steps(&prefill, repeats)?;
+            let decode_alone_secs = self.time_steps(&decode, repeats)?;
+            let mut timings = Vec::new();
+            for &executor in candidates {
+                let secs = self
+                    .model
+                    .set_executor(executor)
+                    .and_then(|()| self.time_steps(&whole, repeats));
+                timings.push(ExecutorTiming {
+                    executor: executor.to_string(),
+                    secs: secs.as_ref().ok().copied(),
+                    error: secs.err().map(|e| e.to_string()),
+                });
+            }
+            self.model.set_executor(before)?;
+            Ok(ExecutorProfile {
+                blend: *blend,
+                sequential: StepExecutor::Sequential.to_string(),
+                sequential_secs,
+                prefill_alone_secs,
+                decode_alone_secs,
+                candidates: timings,
+            })
         }
 
         /// GPU seconds of each kind of operation in one step (see
@@ -163,6 +239,16 @@ mod cuda_step {
         fn step_greedy(&mut self, batch: &ForwardBatch) -> Result<Vec<u32>, ModelError> {
             self.step_async(batch)?;
             self.model.greedy_tokens()
+        }
+
+        fn choose_step_executor(
+            &mut self,
+            blend: &ProbeBlend,
+        ) -> Result<Option<ExecutorProfile>, ModelError> {
+            let profile = self.profile_executors(blend, &StepExecutor::profile_candidates(), 3)?;
+            let fastest: StepExecutor = profile.fastest().0.parse().map_err(ModelError::Cuda)?;
+            self.model.set_executor(fastest)?;
+            Ok(Some(profile))
         }
     }
 }

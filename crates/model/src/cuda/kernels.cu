@@ -725,6 +725,45 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// Tensor Memory Accelerator (TMA) loads into shared memory, completed on an mbarrier. A tensor
+// map is the driver's 128-byte description of a global tensor (`cuTensorMapEncodeTiled`),
+// passed as a `__grid_constant__` kernel parameter.
+struct __align__(64) TensorMap {
+    unsigned long long bits[16];
+};
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Barrier initialisations visible to the async proxy (TMA) before any load names them.
+__device__ __forceinline__ void fence_mbar_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` the phase's loads will bring.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// Waits until the barrier's phase with parity `parity` completed.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The box of `map` at coordinates (c0, c1, c2), innermost first, into shared memory at `dst`;
+// out-of-range parts of the box are zero-filled.
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, u32 bar, int c0, int c1,
+                                            int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
+        "[%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+}
+
 // Byte offset of the 16-byte chunk `c16` (dims 8 c16 .. 8 c16 + 7) of `row` in a swizzled
 // 64-row x 128-dim tile.
 __device__ __forceinline__ u32 swizzled_offset(int row, int c16) {
@@ -753,10 +792,17 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float* d, const u32* a,
 // on each K/V tile): the block's WGS * HPW heads share every K and V tile it loads, so a byte of
 // K/V brought from L2 feeds 64 * WGS * HPW query rows (64 with one head a block, the L2-bound
 // first version).
-template <int WGS, int HPW, bool PINGPONG, bool ONE_BARRIER>
+//
+// TMA: K and V tiles come by TMA (one warp issues a tile's boxes, a page of `block_size` tokens
+// and 64 dims each, from the caches' tensor maps `k_map` / `v_map`) into two stages, each with
+// an mbarrier the loads complete; the last warp to finish with a stage loads the tile after
+// next into it. No block barrier a tile and no load instructions in the softmax warps, so the
+// warpgroups drift apart instead of moving in lockstep. Needs `block_size` a power of two, >= 8.
+template <int WGS, int HPW, bool PINGPONG, bool ONE_BARRIER, bool TMA>
 __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
                                          const bf16_t* __restrict__ k_cache,
                                          const bf16_t* __restrict__ v_cache,
+                                         const TensorMap* k_map, const TensorMap* v_map,
                                          const u32* __restrict__ block_tables,
                                          const int* __restrict__ tile_seq,
                                          const int* __restrict__ tile_q0,
@@ -767,11 +813,16 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
                                          int kv_heads, int block_size, float scale_log2) {
     constexpr int D = 128, BM = 64, BN = 64, NQ = WGS * HPW, THREADS = 128 * WGS;
     static_assert(!PINGPONG || WGS == 2, "ping-pong takes two warpgroups");
+    static_assert(!TMA || (HPW == 1 && !PINGPONG), "TMA loads: one head a warpgroup");
     constexpr u32 TILE_BYTES = 64 * D * 2;  // one 64-row tile of Q, K or V
     constexpr u32 HALF_BYTES = TILE_BYTES / 2;  // dims 0..63 or 64..127 of a tile
-    // NQ Q tiles, then two stages of K and V; 1024 bytes of slack to align the swizzle atoms.
+    // NQ Q tiles, then two stages of K and V; 1024 bytes of slack to align the swizzle atoms;
+    // then (TMA) each stage's mbarrier and warp counter.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const u32 sq = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const u32 stage_bars = sq + TILE_BYTES * (NQ + 4);
+    unsigned int* stage_done =
+        reinterpret_cast<unsigned int*>(smem_raw + (stage_bars + 16 - smem_addr(smem_raw)));
 
     // Heaviest tiles first: the plan lists each sequence's tiles by rising q0, and later tiles
     // see more keys, so the last wave is short ones.
@@ -825,6 +876,27 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         }
         cp_async_commit();
     };
+    // TMA: one whole warp loads the K and V tile at key k0 into `stage`: boxes of `rows` keys
+    // (a page, or 64 keys of a larger one) x 64 dims; keys past the chunk's last one come from
+    // slot -rows, out of range, so zeros.
+    auto tma_tile = [&](int k0, int stage) {
+        const u32 dk = sq + TILE_BYTES * (NQ + 2 * stage);
+        const u32 bar = stage_bars + 8 * stage;
+        if (lane == 0) mbar_arrive_expect_tx(bar, 2 * TILE_BYTES);
+        __syncwarp();
+        const int rows = min(block_size, BN);
+        const int ops = 4 * (BN / rows);
+        for (int op = lane; op < ops; op += 32) {
+            const int kind = op & 1, half = (op >> 1) & 1, box = op >> 2;
+            const int key = k0 + box * rows;
+            int slot = -rows;
+            if (key < kv_end) {
+                slot = (int)table[key >> block_shift] * block_size + (key & (block_size - 1));
+            }
+            tma_load_3d(dk + kind * TILE_BYTES + half * HALF_BYTES + box * rows * 128,
+                        kind ? v_map : k_map, bar, half * 64, kvh, slot);
+        }
+    };
 
     float o[HPW][D / 2];
     float m_lo[HPW], m_hi[HPW], l_lo[HPW], l_hi[HPW];
@@ -840,12 +912,46 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
 
     const int num_tiles = (kv_end + BN - 1) / BN;
-    load_tile(0, 0);  // same group as Q
+    // TMA: this warp is done with tile t's stage; the last of the block's warps to say so
+    // loads tile t + 2 into it (a counter that only grows: every 4 * WGS arrivals end a use of
+    // the stage).
+    auto release_stage = [&](int t) {
+        if (t + 2 >= num_tiles) return;
+        unsigned int arrived = 0;
+        if (lane == 0) {
+            __threadfence_block();
+            arrived = atomicAdd(&stage_done[t & 1], 1u) + 1;
+            __threadfence_block();
+        }
+        arrived = __shfl_sync(0xffffffffu, arrived, 0);
+        if (arrived % (4 * WGS) == 0) tma_tile((t + 2) * BN, t & 1);
+    };
+    if constexpr (TMA) {
+        cp_async_commit();  // Q
+        if (threadIdx.x == 0) {
+            mbar_init(stage_bars, 1);
+            mbar_init(stage_bars + 8, 1);
+            stage_done[0] = stage_done[1] = 0;
+            fence_mbar_init();
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            tma_tile(0, 0);
+            if (num_tiles > 1) tma_tile(BN, 1);
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+    } else {
+        load_tile(0, 0);  // same group as Q
+    }
     // The first warpgroup issues first.
     if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
     for (int tile_i = 0; tile_i < num_tiles; ++tile_i) {
         const int k0 = tile_i * BN;
-        if (ONE_BARRIER) {
+        if constexpr (TMA) {
+            mbar_wait(stage_bars + 8 * (tile_i & 1), (tile_i >> 1) & 1);
+        } else if (ONE_BARRIER) {
             cp_async_wait<0>();
         } else if (tile_i + 1 < num_tiles) {
             load_tile(k0 + BN, (tile_i + 1) & 1);
@@ -853,11 +959,13 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         } else {
             cp_async_wait<0>();
         }
-        fence_proxy_async();
-        __syncthreads();
+        if constexpr (!TMA) {
+            fence_proxy_async();
+            __syncthreads();
+        }
         // ONE_BARRIER: the prefetch goes after the barrier, which also says every thread is
         // done with the stage it overwrites (read in the previous tile), so no second barrier.
-        if (ONE_BARRIER && tile_i + 1 < num_tiles) load_tile(k0 + BN, (tile_i + 1) & 1);
+        if (!TMA && ONE_BARRIER && tile_i + 1 < num_tiles) load_tile(k0 + BN, (tile_i + 1) & 1);
         const u32 sk = sq + TILE_BYTES * (NQ + 2 * (tile_i & 1));
         const u32 sv = sk + TILE_BYTES;
 
@@ -966,7 +1074,11 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
 #pragma unroll
             for (int i = 0; i < D / 2; ++i) reg_fence(o[j][i]);
         }
-        if (!ONE_BARRIER) __syncthreads();
+        if constexpr (TMA) {
+            release_stage(tile_i);
+        } else if (!ONE_BARRIER) {
+            __syncthreads();
+        }
     }
 
     const size_t out_width = (size_t)heads * D;
@@ -1002,15 +1114,31 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
             const int* seq_row0, const int* seq_start, const int* seq_len,                       \
             const int* seq_table_off, int heads, int kv_heads, int block_size,                   \
             float scale_log2) {                                                                  \
-        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG, ONE_BARRIER>(out, qkv, k_cache, v_cache, block_tables, tile_seq,  \
+        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG, ONE_BARRIER, false>(out, qkv, k_cache, v_cache, nullptr, nullptr, block_tables, tile_seq,  \
                                            tile_q0, seq_row0, seq_start, seq_len,                \
                                            seq_table_off, heads, kv_heads, block_size,           \
                                            scale_log2);                                          \
     }
 
+// paged_prefill_wgmma_h{WGS}x1_tma: the same grid; K and V by TMA from the caches' tensor maps
+// (in place of the cache pointers).
+#define PREFILL_WGMMA_TMA_KERNEL(NAME, WGS, MIN_BLOCKS)                                          \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, MIN_BLOCKS) NAME(                  \
+            bf16_t* out, const bf16_t* qkv, const __grid_constant__ TensorMap k_map,           \
+            const __grid_constant__ TensorMap v_map, const u32* block_tables,                  \
+            const int* tile_seq, const int* tile_q0, const int* seq_row0,                      \
+            const int* seq_start, const int* seq_len, const int* seq_table_off, int heads,     \
+            int kv_heads, int block_size, float scale_log2) {                                  \
+        paged_prefill_wgmma_impl<WGS, 1, false, false, true>(                                  \
+                out, qkv, nullptr, nullptr, &k_map, &v_map, block_tables, tile_seq, tile_q0,   \
+                seq_row0, seq_start, seq_len, seq_table_off, heads, kv_heads, block_size,      \
+                scale_log2);                                                                   \
+    }
+
 // The variants the model picks (`WGMMA_PREFERENCE` in mod.rs) ...
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_one_barrier, 2, 1, false, true, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x1, 1, 1, false, false, 2)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma, 2, 2)
 // ... and the ones only benchmarks compare, compiled on request (each costs start-up time when
 // the driver turns the PTX into machine code).
 #if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
@@ -1021,6 +1149,7 @@ PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_pingpong, 2, 1, true, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2_pingpong, 2, 2, true, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1, 4, 1, false, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1_one_barrier, 4, 1, false, true, 1)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h4x1_tma, 4, 1)
 #endif
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -2,8 +2,8 @@
 //! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels.cu`, compiled
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
 //! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
-//! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128; see
-//! [`PrefillKernel`]) or `mma.sync` elsewhere. By default everything runs on one CUDA stream,
+//! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128, K and
+//! V brought by TMA from the caches' tensor maps; see [`PrefillKernel`]) or `mma.sync` elsewhere. By default everything runs on one CUDA stream,
 //! in order, with no host synchronisation inside a step; [`StepExecutor`] offers an overlapped
 //! executor (two nano-batches over a compute and a memory lane, see `overlap.rs`).
 //!
@@ -25,7 +25,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 pub use gemm::Gemm;
 pub use overlap::{SmSplit, StepExecutor};
 
-use cudarc::driver::sys::CUstream;
+use cudarc::driver::sys::{CUstream, CUtensorMap};
 use overlap::{record, split_nano_batches, wait, Overlap};
 
 use crate::config::ModelConfig;
@@ -50,7 +50,7 @@ const WGMMA_HEAD_DIM: usize = 128;
 
 /// The wgmma prefill kernels: the variant and its kernel name. All heads of a block belong to
 /// one KV group and share each K and V tile the block loads.
-const WGMMA_VARIANTS: [(WgmmaVariant, &str); 9] = [
+const WGMMA_VARIANTS: [(WgmmaVariant, &str); 11] = [
     (WgmmaVariant::new(1, 1, false), "paged_prefill_wgmma_h1x1"),
     (WgmmaVariant::new(1, 2, false), "paged_prefill_wgmma_h1x2"),
     (WgmmaVariant::new(2, 1, false), "paged_prefill_wgmma_h2x1"),
@@ -72,22 +72,38 @@ const WGMMA_VARIANTS: [(WgmmaVariant, &str); 9] = [
         WgmmaVariant::new(4, 1, false).with_one_barrier(),
         "paged_prefill_wgmma_h4x1_one_barrier",
     ),
+    (
+        WgmmaVariant::new(2, 1, false).with_tma(),
+        "paged_prefill_wgmma_h2x1_tma",
+    ),
+    (
+        WgmmaVariant::new(4, 1, false).with_tma(),
+        "paged_prefill_wgmma_h4x1_tma",
+    ),
 ];
 
 /// The wgmma variants the model takes by default, best first (as measured in
-/// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group wins. Only
-/// these are in the kernels compiled at load; the others are compiled when a benchmark asks for
-/// one ([`CudaLlama::set_prefill_kernel`]).
-const WGMMA_PREFERENCE: [WgmmaVariant; 2] = [
+/// `experiments/gpu/bench-last-run.txt`); the first whose heads divide the KV group (and, for
+/// TMA loads, whose cache blocks suit them: [`tma_block_size_ok`]) wins. Only these are in the
+/// kernels compiled at load; the others are compiled when a benchmark asks for one
+/// ([`CudaLlama::set_prefill_kernel`]).
+const WGMMA_PREFERENCE: [WgmmaVariant; 3] = [
+    WgmmaVariant::new(2, 1, false).with_tma(),
     WgmmaVariant::new(2, 1, false).with_one_barrier(),
     WgmmaVariant::new(1, 1, false),
 ];
 
 /// Dynamic shared memory of a wgmma prefill kernel with `heads_per_block`: a Q tile per head
 /// and two stages of K and V tiles (64 rows x 128 dims each), plus 1024 bytes to align the
-/// swizzle atoms.
+/// swizzle atoms and 64 for the TMA variants' stage barriers and counters.
 fn wgmma_prefill_smem_bytes(heads_per_block: usize) -> usize {
-    (heads_per_block + 4) * PREFILL_TILE_ROWS * WGMMA_HEAD_DIM * 2 + 1024
+    (heads_per_block + 4) * PREFILL_TILE_ROWS * WGMMA_HEAD_DIM * 2 + 1024 + 64
+}
+
+/// Whether the TMA prefill kernels can load K and V from a cache of `block_size`-token blocks:
+/// a box is one block (or 64 keys of a larger one) and must fill whole 8-row swizzle atoms.
+pub fn tma_block_size_ok(block_size: usize) -> bool {
+    block_size.is_power_of_two() && block_size >= 8
 }
 
 /// Which kernel runs prefill attention.
@@ -103,13 +119,15 @@ pub enum PrefillKernel {
 /// `heads_per_warpgroup` query heads one after the other; with `pingpong` the two warpgroups
 /// take turns issuing MMAs so that one's softmax overlaps the other's MMAs; with
 /// `one_barrier` a K/V tile costs one block barrier instead of two (the next tile's loads start
-/// after it instead of before).
+/// after it instead of before); with `tma` (one head a warpgroup, no ping-pong) K and V come by
+/// TMA into stages with mbarriers, and no block barrier a tile at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WgmmaVariant {
     pub warpgroups: usize,
     pub heads_per_warpgroup: usize,
     pub pingpong: bool,
     pub one_barrier: bool,
+    pub tma: bool,
 }
 
 impl WgmmaVariant {
@@ -119,7 +137,12 @@ impl WgmmaVariant {
             heads_per_warpgroup,
             pingpong,
             one_barrier: false,
+            tma: false,
         }
+    }
+
+    pub const fn with_tma(self) -> Self {
+        WgmmaVariant { tma: true, ..self }
     }
 
     pub const fn with_one_barrier(self) -> Self {
@@ -281,6 +304,70 @@ impl Kernels {
         self.all_wgmma_module = Some(module);
         Ok(())
     }
+}
+
+/// The first of [`WGMMA_PREFERENCE`] that `kernels` has for this model's heads (leaving out the
+/// TMA ones unless `tma`), or mma.sync.
+fn preferred_prefill_kernel(c: &ModelConfig, kernels: &Kernels, tma: bool) -> PrefillKernel {
+    let group = c.num_heads / c.num_kv_heads;
+    WGMMA_PREFERENCE
+        .into_iter()
+        .find(|v| {
+            c.head_dim == WGMMA_HEAD_DIM
+                && (tma || !v.tma)
+                && group.is_multiple_of(v.heads_per_block())
+                && kernels.prefill_wgmma.contains_key(v)
+        })
+        .map_or(PrefillKernel::MmaSync, PrefillKernel::Wgmma)
+}
+
+/// The TMA descriptor of one layer's K or V cache at device address `ptr`: `num_slots` rows of
+/// `[kv_heads, head_dim]` bf16, read in boxes of 64 dims x 1 head x one cache block (at most 64
+/// tokens), 128-byte swizzled as the wgmma kernels lay tiles out. Out-of-range rows read as 0.
+fn kv_tensor_map(
+    ptr: u64,
+    num_slots: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> Result<CUtensorMap, ModelError> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let dims = [head_dim as u64, kv_heads as u64, num_slots as u64];
+    let strides_bytes = [2 * head_dim as u64, 2 * (kv_heads * head_dim) as u64];
+    let boxes = [64u32, 1, block_size.min(PREFILL_TILE_KEYS) as u32];
+    let element_strides = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the driver only writes the map.
+    let result = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides_bytes.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if result != CUresult::CUDA_SUCCESS {
+        return Err(cuda_err(
+            &format!(
+                "TMA descriptor of a KV cache ({num_slots} slots x {kv_heads} heads x \
+                 {head_dim}, blocks of {block_size})"
+            ),
+            result,
+        ));
+    }
+    // SAFETY: encoded successfully above.
+    Ok(unsafe { map.assume_init() })
 }
 
 /// The wgmma prefill kernel of `variant` in `module`, allowed its shared memory.
@@ -684,14 +771,7 @@ impl CudaLlama {
             .map_err(|e| cuda_err("alloc", e))?;
         // The default wgmma variant, or one with fewer heads a block when the KV group is
         // small (a block's heads must share one KV head).
-        let prefill_kernel = WGMMA_PREFERENCE
-            .into_iter()
-            .find(|v| {
-                c.head_dim == WGMMA_HEAD_DIM
-                    && group.is_multiple_of(v.heads_per_block())
-                    && kernels.prefill_wgmma.contains_key(v)
-            })
-            .map_or(PrefillKernel::MmaSync, PrefillKernel::Wgmma);
+        let prefill_kernel = preferred_prefill_kernel(c, &kernels, true);
         let model = CudaLlama {
             ctx,
             stream: stream.clone(),
@@ -911,6 +991,18 @@ impl CudaLlama {
         self.prefill_kernel
     }
 
+    /// The prefill kernel that runs over a cache of `block_size`-token blocks: the chosen one,
+    /// or, when it loads by TMA and such blocks do not suit TMA boxes, the best preferred one
+    /// that does not.
+    fn prefill_kernel_for(&self, block_size: usize) -> PrefillKernel {
+        match self.prefill_kernel {
+            PrefillKernel::Wgmma(v) if v.tma && !tma_block_size_ok(block_size) => {
+                preferred_prefill_kernel(&self.config, &self.kernels, false)
+            }
+            kernel => kernel,
+        }
+    }
+
     /// Chooses the prefill attention kernel (benchmarks compare them); an error if this GPU or
     /// head size cannot run it.
     pub fn set_prefill_kernel(&mut self, kernel: PrefillKernel) -> Result<(), ModelError> {
@@ -1106,6 +1198,7 @@ impl CudaLlama {
         }
         // Each argument in its own 8-byte slot (little-endian: a 4-byte value sits at the
         // slot's start), and the driver gets a pointer to each slot.
+        // A tensor map is passed by a pointer to its 128 bytes.
         let mut slots: Vec<u64> = args
             .iter()
             .map(|a| match *a {
@@ -1113,14 +1206,19 @@ impl CudaLlama {
                 Arg::I32(v) => u64::from(v as u32),
                 Arg::U32(v) => u64::from(v),
                 Arg::F32(v) => u64::from(v.to_bits()),
+                Arg::TensorMap(_) => 0,
             })
             .collect();
         let mut params: Vec<*mut std::ffi::c_void> = slots
             .iter_mut()
-            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .zip(args)
+            .map(|(s, a)| match a {
+                Arg::TensorMap(map) => *map as *const CUtensorMap as *mut std::ffi::c_void,
+                _ => s as *mut u64 as *mut std::ffi::c_void,
+            })
             .collect();
         // SAFETY: the argument list matches the kernel's signature in kernels.cu (checked by the
-        // device tests); the slots outlive the call, which copies them.
+        // device tests); the slots and maps outlive the call, which copies them.
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
@@ -1360,22 +1458,15 @@ impl CudaLlama {
         cache: &CudaKvCache,
         part: AttentionPart,
     ) -> Result<(), ModelError> {
-        let main = &self.stream;
-        let (kc, vc) = (
-            raw_ptr(&cache.keys[l], main),
-            raw_ptr(&cache.values[l], main),
-        );
         let (qkv, attn) = (rows.acts.qkv, rows.acts.attn);
-        let bs = cache.block_size;
         self.attention(
             stream,
             rows.plan,
             rows.ints,
             qkv,
             attn,
-            kc,
-            vc,
-            bs,
+            cache,
+            l,
             &rows.split,
             part,
         )
@@ -1579,12 +1670,16 @@ impl CudaLlama {
         ints: u64,
         qkv: u64,
         attn: u64,
-        kc: u64,
-        vc: u64,
-        block_size: usize,
+        cache: &CudaKvCache,
+        layer: usize,
         split: &DecodeSplit,
         part: AttentionPart,
     ) -> Result<(), ModelError> {
+        let (kc, vc) = (
+            raw_ptr(&cache.keys[layer], &self.stream),
+            raw_ptr(&cache.values[layer], &self.stream),
+        );
+        let (block_size, num_slots) = (cache.block_size, cache.num_blocks * cache.block_size);
         let DecodeSplit {
             split_tokens,
             max_splits,
@@ -1647,7 +1742,8 @@ impl CudaLlama {
         }
         if plan.prefill_tiles > 0 && part != AttentionPart::Decode {
             // (set_prefill_kernel checked that the variant exists and divides the group.)
-            let (f, heads_per_block, threads, smem_bytes) = match self.prefill_kernel {
+            let kernel = self.prefill_kernel_for(block_size);
+            let (f, heads_per_block, threads, smem_bytes) = match kernel {
                 PrefillKernel::Wgmma(v) => (
                     &self.kernels.prefill_wgmma[&v],
                     v.heads_per_block(),
@@ -1657,6 +1753,15 @@ impl CudaLlama {
                 PrefillKernel::MmaSync => {
                     (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
                 }
+            };
+            // TMA variants read K and V through tensor maps of the caches (host-side encoding,
+            // a microsecond each).
+            let maps = match kernel {
+                PrefillKernel::Wgmma(v) if v.tma => Some((
+                    kv_tensor_map(kc, num_slots, kv_heads, d, block_size)?,
+                    kv_tensor_map(vc, num_slots, kv_heads, d, block_size)?,
+                )),
+                _ => None,
             };
             self.launch_smem_on(
                 stream,
@@ -1671,8 +1776,8 @@ impl CudaLlama {
                 &[
                     Ptr(attn),
                     Ptr(qkv),
-                    Ptr(kc),
-                    Ptr(vc),
+                    maps.as_ref().map_or(Ptr(kc), |(k, _)| Arg::TensorMap(k)),
+                    maps.as_ref().map_or(Ptr(vc), |(_, v)| Arg::TensorMap(v)),
                     Ptr(at(plan.tables)),
                     Ptr(at(plan.tile_seq)),
                     Ptr(at(plan.tile_q0)),
@@ -1719,10 +1824,6 @@ impl CudaLlama {
             &mut self.part_acc,
             &mut self.part_ml,
         )?;
-        let (kc, vc) = (
-            raw_ptr(&cache.keys[0], &stream),
-            raw_ptr(&cache.values[0], &stream),
-        );
         let main = stream.cu_stream();
         let run = |m: &Self| {
             m.attention(
@@ -1731,9 +1832,8 @@ impl CudaLlama {
                 ints,
                 qkv,
                 attn,
-                kc,
-                vc,
-                cache.block_size,
+                cache,
+                0,
                 &split,
                 AttentionPart::Both,
             )
@@ -1849,12 +1949,14 @@ impl CudaLlama {
 
 /// A kernel argument: a device pointer (possibly offset into a buffer) or a scalar.
 #[derive(Clone, Copy)]
-enum Arg {
+enum Arg<'a> {
     Ptr(u64),
     I32(i32),
     U32(u32),
     U64(u64),
     F32(f32),
+    /// A `__grid_constant__` TMA descriptor.
+    TensorMap(&'a CUtensorMap),
 }
 
 use Arg::{Ptr, F32, I32};

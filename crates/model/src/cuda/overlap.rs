@@ -38,6 +38,22 @@ pub enum StepExecutor {
     Overlapped { memory_sms: usize, split: SmSplit },
 }
 
+impl StepExecutor {
+    /// The overlapped executors a profile (`--step-executor auto`) times against the sequential
+    /// one: shared SMs, cuBLAS leaving 16 or 32 SMs to decode attention, green contexts of 32 or
+    /// 64 SMs for it.
+    pub fn profile_candidates() -> Vec<StepExecutor> {
+        let overlapped = |memory_sms, split| StepExecutor::Overlapped { memory_sms, split };
+        vec![
+            overlapped(0, SmSplit::Shared),
+            overlapped(16, SmSplit::GemmTarget),
+            overlapped(32, SmSplit::GemmTarget),
+            overlapped(32, SmSplit::GreenContexts),
+            overlapped(64, SmSplit::GreenContexts),
+        ]
+    }
+}
+
 /// How the overlapped executor shares the SMs between its lanes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmSplit {
