@@ -779,6 +779,15 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float* d, unsigned long long 
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float* d, unsigned long long desc_a,
+                                                       unsigned long long desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
 __device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float* d, const u32* a,
                                                          unsigned long long desc_b) {
     asm volatile(
@@ -798,7 +807,10 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_tb(float* d, const u32* a,
 // an mbarrier the loads complete; the last warp to finish with a stage loads the tile after
 // next into it. No block barrier a tile and no load instructions in the softmax warps, so the
 // warpgroups drift apart instead of moving in lockstep. Needs `block_size` a power of two, >= 8.
-template <int WGS, int HPW, bool PINGPONG, bool ONE_BARRIER, bool TMA>
+//
+// BN: keys a K/V tile (64; 128 with TMA: S = Q K^T by m64n128k16, half the Q reads from shared
+// memory a FLOP, twice the registers for S and P, so one block an SM).
+template <int WGS, int HPW, bool PINGPONG, bool ONE_BARRIER, bool TMA, int BN>
 __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,
                                          const bf16_t* __restrict__ k_cache,
                                          const bf16_t* __restrict__ v_cache,
@@ -811,16 +823,20 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
                                          const int* __restrict__ seq_len,
                                          const int* __restrict__ seq_table_off, int heads,
                                          int kv_heads, int block_size, float scale_log2) {
-    constexpr int D = 128, BM = 64, BN = 64, NQ = WGS * HPW, THREADS = 128 * WGS;
+    constexpr int D = 128, BM = 64, NQ = WGS * HPW, THREADS = 128 * WGS;
     static_assert(!PINGPONG || WGS == 2, "ping-pong takes two warpgroups");
-    static_assert(!TMA || (HPW == 1 && !PINGPONG), "TMA loads: one head a warpgroup");
-    constexpr u32 TILE_BYTES = 64 * D * 2;  // one 64-row tile of Q, K or V
-    constexpr u32 HALF_BYTES = TILE_BYTES / 2;  // dims 0..63 or 64..127 of a tile
+    static_assert(!TMA || HPW == 1, "TMA loads: one head a warpgroup");
+    static_assert(BN == 64 || (TMA && BN == 128), "64-key tiles, or 128 with TMA loads");
+    constexpr u32 Q_BYTES = BM * D * 2;  // one head's 64-row Q tile
+    constexpr u32 Q_HALF = Q_BYTES / 2;  // dims 0..63 or 64..127 of it
+    constexpr u32 TILE_BYTES = BN * D * 2;  // one K or V tile
+    constexpr u32 HALF_BYTES = TILE_BYTES / 2;
     // NQ Q tiles, then two stages of K and V; 1024 bytes of slack to align the swizzle atoms;
     // then (TMA) each stage's mbarrier and warp counter.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const u32 sq = (smem_addr(smem_raw) + 1023u) & ~1023u;
-    const u32 stage_bars = sq + TILE_BYTES * (NQ + 4);
+    const u32 stages = sq + Q_BYTES * NQ;  // K, V of stage 0, then of stage 1
+    const u32 stage_bars = stages + TILE_BYTES * 4;
     unsigned int* stage_done =
         reinterpret_cast<unsigned int*>(smem_raw + (stage_bars + 16 - smem_addr(smem_raw)));
 
@@ -845,7 +861,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         int r = q0 + row;
         const bf16_t* src = qkv + (size_t)(row0 + min(r, len - 1)) * qkv_width +
                             (size_t)(h0 + qi) * D + c16 * 8;
-        cp_async16_to(sq + TILE_BYTES * qi + swizzled_offset(row, c16), src, r < len ? 16 : 0);
+        cp_async16_to(sq + Q_BYTES * qi + swizzled_offset(row, c16), src, r < len ? 16 : 0);
     }
 
     const int last_q = min(len, q0 + BM) - 1;
@@ -854,7 +870,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
     const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
     const int block_shift = __ffs(block_size) - 1;
     auto load_tile = [&](int k0, int stage) {
-        const u32 dk = sq + TILE_BYTES * (NQ + 2 * stage);
+        const u32 dk = stages + TILE_BYTES * 2 * stage;
         const u32 dv = dk + TILE_BYTES;
         for (int c = threadIdx.x; c < BN * D / 8; c += THREADS) {
             int key = c >> 4, c16 = c & 15;
@@ -877,14 +893,14 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         cp_async_commit();
     };
     // TMA: one whole warp loads the K and V tile at key k0 into `stage`: boxes of `rows` keys
-    // (a page, or 64 keys of a larger one) x 64 dims; keys past the chunk's last one come from
+    // (a block, or 64 keys of a larger one) x 64 dims; keys past the chunk's last one come from
     // slot -rows, out of range, so zeros.
     auto tma_tile = [&](int k0, int stage) {
-        const u32 dk = sq + TILE_BYTES * (NQ + 2 * stage);
+        const u32 dk = stages + TILE_BYTES * 2 * stage;
         const u32 bar = stage_bars + 8 * stage;
         if (lane == 0) mbar_arrive_expect_tx(bar, 2 * TILE_BYTES);
         __syncwarp();
-        const int rows = min(block_size, BN);
+        const int rows = min(block_size, 64);  // the tensor maps' box (at most 64 keys)
         const int ops = 4 * (BN / rows);
         for (int op = lane; op < ops; op += 32) {
             const int kind = op & 1, half = (op >> 1) & 1, box = op >> 2;
@@ -966,7 +982,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         // ONE_BARRIER: the prefetch goes after the barrier, which also says every thread is
         // done with the stage it overwrites (read in the previous tile), so no second barrier.
         if (!TMA && ONE_BARRIER && tile_i + 1 < num_tiles) load_tile(k0 + BN, (tile_i + 1) & 1);
-        const u32 sk = sq + TILE_BYTES * (NQ + 2 * (tile_i & 1));
+        const u32 sk = stages + TILE_BYTES * 2 * (tile_i & 1);
         const u32 sv = sk + TILE_BYTES;
 
         // MMA batches of this warpgroup: S_0, then (P_j V, S_j+1) for each head j, the last
@@ -974,14 +990,20 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         // barriers 1 and 2), so one's softmax runs while the other's MMAs do.
         const bool last_tile = tile_i + 1 == num_tiles;
         auto issue_s = [&](int j) {
-            const u32 sqj = sq + TILE_BYTES * (wg * HPW + j);
+            const u32 sqj = sq + Q_BYTES * (wg * HPW + j);
             // S = Q K^T (64 x 64), 8 k-steps of 16 dims: 32 bytes along a swizzled row, then
             // the second 64-dim half.
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
+                const u32 qoff = (kk >> 2) * Q_HALF + (kk & 3) * 32;
                 const u32 koff = (kk >> 2) * HALF_BYTES + (kk & 3) * 32;
-                wgmma_m64n64k16_ss(s, wgmma_desc(sqj + koff, 16, 1024),
-                                   wgmma_desc(sk + koff, 16, 1024), kk > 0);
+                if constexpr (BN == 128) {
+                    wgmma_m64n128k16_ss(s, wgmma_desc(sqj + qoff, 16, 1024),
+                                        wgmma_desc(sk + koff, 16, 1024), kk > 0);
+                } else {
+                    wgmma_m64n64k16_ss(s, wgmma_desc(sqj + qoff, 16, 1024),
+                                       wgmma_desc(sk + koff, 16, 1024), kk > 0);
+                }
             }
         };
         if (PINGPONG) named_barrier_sync(1 + wg, 256);
@@ -1114,7 +1136,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
             const int* seq_row0, const int* seq_start, const int* seq_len,                       \
             const int* seq_table_off, int heads, int kv_heads, int block_size,                   \
             float scale_log2) {                                                                  \
-        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG, ONE_BARRIER, false>(out, qkv, k_cache, v_cache, nullptr, nullptr, block_tables, tile_seq,  \
+        paged_prefill_wgmma_impl<WGS, HPW, PINGPONG, ONE_BARRIER, false, 64>(out, qkv, k_cache, v_cache, nullptr, nullptr, block_tables, tile_seq,  \
                                            tile_q0, seq_row0, seq_start, seq_len,                \
                                            seq_table_off, heads, kv_heads, block_size,           \
                                            scale_log2);                                          \
@@ -1122,14 +1144,14 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
 
 // paged_prefill_wgmma_h{WGS}x1_tma: the same grid; K and V by TMA from the caches' tensor maps
 // (in place of the cache pointers).
-#define PREFILL_WGMMA_TMA_KERNEL(NAME, WGS, MIN_BLOCKS)                                          \
+#define PREFILL_WGMMA_TMA_KERNEL(NAME, WGS, PINGPONG, BN, MIN_BLOCKS)                            \
     extern "C" __global__ void __launch_bounds__(128 * WGS, MIN_BLOCKS) NAME(                  \
             bf16_t* out, const bf16_t* qkv, const __grid_constant__ TensorMap k_map,           \
             const __grid_constant__ TensorMap v_map, const u32* block_tables,                  \
             const int* tile_seq, const int* tile_q0, const int* seq_row0,                      \
             const int* seq_start, const int* seq_len, const int* seq_table_off, int heads,     \
             int kv_heads, int block_size, float scale_log2) {                                  \
-        paged_prefill_wgmma_impl<WGS, 1, false, false, true>(                                  \
+        paged_prefill_wgmma_impl<WGS, 1, PINGPONG, false, true, BN>(                           \
                 out, qkv, nullptr, nullptr, &k_map, &v_map, block_tables, tile_seq, tile_q0,   \
                 seq_row0, seq_start, seq_len, seq_table_off, heads, kv_heads, block_size,      \
                 scale_log2);                                                                   \
@@ -1138,7 +1160,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
 // The variants the model picks (`WGMMA_PREFERENCE` in mod.rs) ...
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_one_barrier, 2, 1, false, true, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h1x1, 1, 1, false, false, 2)
-PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma, 2, 2)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma, 2, false, 64, 2)
 // ... and the ones only benchmarks compare, compiled on request (each costs start-up time when
 // the driver turns the PTX into machine code).
 #if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
@@ -1149,7 +1171,10 @@ PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x1_pingpong, 2, 1, true, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h2x2_pingpong, 2, 2, true, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1, 4, 1, false, false, 1)
 PREFILL_WGMMA_KERNEL(paged_prefill_wgmma_h4x1_one_barrier, 4, 1, false, true, 1)
-PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h4x1_tma, 4, 1)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h4x1_tma, 4, false, 64, 1)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma_pingpong, 2, true, 64, 2)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma_k128, 2, false, 128, 1)
+PREFILL_WGMMA_TMA_KERNEL(paged_prefill_wgmma_h2x1_tma_k128_pingpong, 2, true, 128, 1)
 #endif
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -50,7 +50,7 @@ const WGMMA_HEAD_DIM: usize = 128;
 
 /// The wgmma prefill kernels: the variant and its kernel name. All heads of a block belong to
 /// one KV group and share each K and V tile the block loads.
-const WGMMA_VARIANTS: [(WgmmaVariant, &str); 11] = [
+const WGMMA_VARIANTS: [(WgmmaVariant, &str); 14] = [
     (WgmmaVariant::new(1, 1, false), "paged_prefill_wgmma_h1x1"),
     (WgmmaVariant::new(1, 2, false), "paged_prefill_wgmma_h1x2"),
     (WgmmaVariant::new(2, 1, false), "paged_prefill_wgmma_h2x1"),
@@ -80,6 +80,22 @@ const WGMMA_VARIANTS: [(WgmmaVariant, &str); 11] = [
         WgmmaVariant::new(4, 1, false).with_tma(),
         "paged_prefill_wgmma_h4x1_tma",
     ),
+    (
+        WgmmaVariant::new(2, 1, true).with_tma(),
+        "paged_prefill_wgmma_h2x1_tma_pingpong",
+    ),
+    (
+        WgmmaVariant::new(2, 1, false)
+            .with_tma()
+            .with_keys_per_tile(128),
+        "paged_prefill_wgmma_h2x1_tma_k128",
+    ),
+    (
+        WgmmaVariant::new(2, 1, true)
+            .with_tma()
+            .with_keys_per_tile(128),
+        "paged_prefill_wgmma_h2x1_tma_k128_pingpong",
+    ),
 ];
 
 /// The wgmma variants the model takes by default, best first (as measured in
@@ -93,11 +109,13 @@ const WGMMA_PREFERENCE: [WgmmaVariant; 3] = [
     WgmmaVariant::new(1, 1, false),
 ];
 
-/// Dynamic shared memory of a wgmma prefill kernel with `heads_per_block`: a Q tile per head
-/// and two stages of K and V tiles (64 rows x 128 dims each), plus 1024 bytes to align the
+/// Dynamic shared memory of a wgmma prefill kernel: a Q tile (64 rows x 128 dims) per head and
+/// two stages of K and V tiles (`keys_per_tile` rows each), plus 1024 bytes to align the
 /// swizzle atoms and 64 for the TMA variants' stage barriers and counters.
-fn wgmma_prefill_smem_bytes(heads_per_block: usize) -> usize {
-    (heads_per_block + 4) * PREFILL_TILE_ROWS * WGMMA_HEAD_DIM * 2 + 1024 + 64
+fn wgmma_prefill_smem_bytes(variant: WgmmaVariant) -> usize {
+    (variant.heads_per_block() * PREFILL_TILE_ROWS + 4 * variant.keys_per_tile) * WGMMA_HEAD_DIM * 2
+        + 1024
+        + 64
 }
 
 /// Whether the TMA prefill kernels can load K and V from a cache of `block_size`-token blocks:
@@ -120,7 +138,8 @@ pub enum PrefillKernel {
 /// take turns issuing MMAs so that one's softmax overlaps the other's MMAs; with
 /// `one_barrier` a K/V tile costs one block barrier instead of two (the next tile's loads start
 /// after it instead of before); with `tma` (one head a warpgroup, no ping-pong) K and V come by
-/// TMA into stages with mbarriers, and no block barrier a tile at all.
+/// TMA into stages with mbarriers, and no block barrier a tile at all; `keys_per_tile` is 64, or
+/// 128 with TMA (one block an SM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WgmmaVariant {
     pub warpgroups: usize,
@@ -128,6 +147,7 @@ pub struct WgmmaVariant {
     pub pingpong: bool,
     pub one_barrier: bool,
     pub tma: bool,
+    pub keys_per_tile: usize,
 }
 
 impl WgmmaVariant {
@@ -138,11 +158,19 @@ impl WgmmaVariant {
             pingpong,
             one_barrier: false,
             tma: false,
+            keys_per_tile: PREFILL_TILE_KEYS,
         }
     }
 
     pub const fn with_tma(self) -> Self {
         WgmmaVariant { tma: true, ..self }
+    }
+
+    pub const fn with_keys_per_tile(self, keys_per_tile: usize) -> Self {
+        WgmmaVariant {
+            keys_per_tile,
+            ..self
+        }
     }
 
     pub const fn with_one_barrier(self) -> Self {
@@ -385,7 +413,7 @@ fn wgmma_function(
         .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
     func.set_attribute(
         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        wgmma_prefill_smem_bytes(variant.heads_per_block()) as i32,
+        wgmma_prefill_smem_bytes(variant) as i32,
     )
     .map_err(|e| cuda_err("wgmma prefill kernel shared memory", e))?;
     Ok(func)
@@ -1748,7 +1776,7 @@ impl CudaLlama {
                     &self.kernels.prefill_wgmma[&v],
                     v.heads_per_block(),
                     128 * v.warpgroups,
-                    wgmma_prefill_smem_bytes(v.heads_per_block()),
+                    wgmma_prefill_smem_bytes(v),
                 ),
                 PrefillKernel::MmaSync => {
                     (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
