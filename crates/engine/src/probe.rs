@@ -10,6 +10,16 @@ const PROBE_DECODE_CONTEXT: usize = 1024;
 /// Longest prefill part of a probe.
 const PROBE_MAX_PREFILL_TOKENS: u32 = 2048;
 
+/// Seconds a step of `cost` (plus the weights' pass) takes when its operators run one after
+/// another.
+fn sequential_step_secs(perf: &PerfModel, cost: StepCost) -> f64 {
+    let mut sequential = perf.clone();
+    sequential.executor = Executor::Sequential;
+    let mut step = sequential.step_base_cost();
+    step += cost;
+    sequential.time(&step).secs
+}
+
 /// Half the step's token budget (at most 2048) as prefill, and the fewest decode sequences at
 /// context 1024 whose part the model prices at least as long as the prefill part (within the
 /// budget, `max_running` and `kv_blocks` blocks of `block_tokens`). `None` when not even two
@@ -21,23 +31,17 @@ pub fn balanced_probe(
     kv_blocks: u32,
     block_tokens: u32,
 ) -> Option<ProbeBlend> {
-    let mut sequential = perf.clone();
-    sequential.executor = Executor::Sequential;
-    let part_secs = |cost: StepCost| {
-        let mut step = sequential.step_base_cost();
-        step += cost;
-        sequential.time(&step).secs
-    };
+    let part_secs = |cost: StepCost| sequential_step_secs(perf, cost);
     let prefill_tokens = (max_batch_tokens / 2).min(PROBE_MAX_PREFILL_TOKENS) as usize;
     let mut prefill_cost = StepCost::default();
     let mut left = prefill_tokens as u64;
     while left > 0 {
         let n = left.min(u64::from(PROBE_MAX_PREFILL_TOKENS));
-        prefill_cost += sequential.piece_cost(0, n, true);
+        prefill_cost += perf.piece_cost(0, n, true);
         left -= n;
     }
     let prefill_secs = part_secs(prefill_cost);
-    let one_decode = sequential.piece_cost(PROBE_DECODE_CONTEXT as u64 - 1, 1, true);
+    let one_decode = perf.piece_cost(PROBE_DECODE_CONTEXT as u64 - 1, 1, true);
     let decode_secs = |seqs: usize| {
         let mut cost = StepCost::default();
         for _ in 0..seqs {
@@ -104,20 +108,13 @@ mod tests {
             probe.decode_seqs > 2 && probe.decode_seqs < 1024,
             "{probe:?}"
         );
-        let mut seq = perf.clone();
-        seq.executor = Executor::Sequential;
-        let time = |cost: StepCost| {
-            let mut step = seq.step_base_cost();
-            step += cost;
-            seq.time(&step).secs
-        };
-        let prefill = time(seq.piece_cost(0, 2048, true));
+        let prefill = sequential_step_secs(&perf, perf.piece_cost(0, 2048, true));
         let decode = |n: usize| {
             let mut c = StepCost::default();
             for _ in 0..n {
-                c += seq.piece_cost(1023, 1, true);
+                c += perf.piece_cost(1023, 1, true);
             }
-            time(c)
+            sequential_step_secs(&perf, c)
         };
         assert!(decode(probe.decode_seqs) >= prefill);
         assert!(decode(probe.decode_seqs - 1) < prefill);
