@@ -142,6 +142,8 @@ fn main() {
     let mut decode = Vec::new();
     for &(seqs, ctx) in cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
+        one.randomize_attention_inputs(&bt, &cache, 5)
+            .expect("random inputs");
         let secs = one
             .time_attention(&bt, &cache, 20)
             .expect("decode attention");

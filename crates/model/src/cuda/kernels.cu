@@ -205,7 +205,9 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
 // `paged_decode_reduce`.
 
-template <int G, int D>
+// U tokens per group per iteration (2 * U 16-byte loads in flight per lane; 8 measured slower
+// than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
+template <int G, int D, int U>
 __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
                                   float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
                                   const bf16_t* __restrict__ k_cache,
@@ -244,9 +246,9 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
         for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
     }
 
-    // Every lane runs the same number of iterations (the shuffles need the whole warp); U
-    // tokens per group per iteration keep 2 * U 16-byte loads in flight per lane.
-    constexpr int U = 4;
+    // Every lane runs the same number of iterations (the shuffles need the whole warp).
+    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
     for (int base = s0; base < s1; base += 8 * U) {
         uint4 kraw[U], vraw[U];
         bool valid[U];
@@ -257,7 +259,9 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
             kraw[u] = make_uint4(0, 0, 0, 0);
             vraw[u] = make_uint4(0, 0, 0, 0);
             if (valid[u]) {
-                size_t slot = (size_t)table[t / block_size] * block_size + t % block_size;
+                const int blk = pow2_blocks ? t >> block_shift : t / block_size;
+                const int within = pow2_blocks ? t & (block_size - 1) : t % block_size;
+                size_t slot = (size_t)table[blk] * block_size + within;
                 size_t off = (slot * kv_heads + kvh) * D + lane * DL;
                 if (DL == 8) {
                     kraw[u] = *(const uint4*)(k_cache + off);
@@ -351,7 +355,7 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
         const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
         const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
         int split_tokens, int max_splits, float scale_log2) {                                     \
-        paged_decode_impl<G, D>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
+        paged_decode_impl<G, D, 4>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
                                 item_rows, item_ctx, item_table_off, kv_heads, block_size,       \
                                 split_tokens, max_splits, scale_log2);                            \
     }
