@@ -10,10 +10,11 @@ time. The sequential executor prices a step as
 and this script finds the compute, attention and memory efficiencies (fractions of the
 datasheet peak) and the per-step overhead that minimise the squared error over the steps
 (coordinate descent on fine grids), then writes a `[hardware]` TOML for `--hardware-config` /
-`blendserve sim --config`. Fit on one run, predict the others: a model fitted to the very run
-it predicts proves nothing.
+`blendserve sim --config`. Fit on some runs (one policy's run of each of several trace blends,
+so that no one trace's mix of work decides the rates), predict the others: a model fitted to the
+very run it predicts proves nothing.
 
-    python3 experiments/gpu/calibrate.py TIMELINE.csv --out h100-fitted.toml
+    python3 experiments/gpu/calibrate.py TIMELINE.csv [MORE.csv ...] --out h100-fitted.toml
 """
 
 import argparse
@@ -22,8 +23,9 @@ import csv
 import numpy as np
 
 
-def load(path, skip):
-    rows = list(csv.DictReader(open(path)))[skip:]
+def load(paths, skip):
+    """The steps of every timeline, each leaving out its first `skip` (warm-up) steps."""
+    rows = [r for path in paths for r in list(csv.DictReader(open(path)))[skip:]]
     cols = ["gemm_flops", "weight_bytes", "prefill_attention_flops", "prefill_kv_bytes",
             "decode_attention_flops", "decode_kv_bytes", "measured_secs"]
     return {c: np.array([float(r[c]) for r in rows]) for c in cols}
@@ -39,7 +41,7 @@ def predict(d, peak, bw, ce, me, ae, overhead):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("timeline")
+    ap.add_argument("timelines", nargs="+")
     ap.add_argument("--peak-flops", type=float, default=989e12)
     ap.add_argument("--bandwidth", type=float, default=3.35e12)
     ap.add_argument("--preset", default="h100")
@@ -47,7 +49,8 @@ def main():
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps to leave out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    d = load(args.timeline, args.skip)
+    d = load(args.timelines, args.skip)
+    sources = ", ".join(args.timelines)
     y = d["measured_secs"]
     grids = {
         "ce": np.linspace(0.3, 1.0, 141),
@@ -66,11 +69,11 @@ def main():
             p[k] = float(best)
     pred = predict(d, args.peak_flops, args.bandwidth, **p)
     total_err = pred.sum() / y.sum()
-    print(f"fitted on {len(y)} steps of {args.timeline}: compute {p['ce']:.3f}, memory "
+    print(f"fitted on {len(y)} steps of {sources}: compute {p['ce']:.3f}, memory "
           f"{p['me']:.3f}, prefill attention {p['ae']:.3f} of peak, overhead "
           f"{1e3 * p['overhead']:.2f} ms/step; summed prediction / measured = {total_err:.3f}")
     with open(args.out, "w") as f:
-        f.write(f"# Fitted by experiments/gpu/calibrate.py to {args.timeline}\n"
+        f.write(f"# Fitted by experiments/gpu/calibrate.py to {sources}\n"
                 f"# ({len(y)} steps; summed prediction / measured = {total_err:.3f}).\n"
                 f"[hardware]\npreset = \"{args.preset}\"\nname = \"{args.name}\"\n"
                 f"compute_efficiency = {p['ce']:.3f}\nmemory_efficiency = {p['me']:.3f}\n"
