@@ -1,6 +1,7 @@
 //! `experiments`: one command per figure. Each runs the simulator (the real scheduler and KV
 //! cache with the performance model) on blends of the real traces and writes
-//! `results/<figure>.csv` and `results/<figure>.svg`.
+//! `results/<figure>.csv` and `results/<figure>.svg`; `gpu` redraws the device measurements
+//! kept in `experiments/gpu/`.
 //!
 //! ```text
 //! cargo run --release -p experiments -- density-mix
@@ -8,8 +9,10 @@
 //! cargo run --release -p experiments -- optimal
 //! cargo run --release -p experiments -- ablation
 //! cargo run --release -p experiments -- all
+//! cargo run --release -p experiments -- gpu
 //! ```
 
+mod gpu;
 mod plot;
 
 use std::path::{Path, PathBuf};
@@ -65,8 +68,11 @@ enum Figure {
     Optimal,
     /// BlendServe's parts: tree relaxation, dual scanner, tree vs flat order, balanced budget.
     Ablation,
-    /// Every figure above.
+    /// Every simulator figure above.
     All,
+    /// The device measurements in experiments/gpu: kernels against torch, step executors,
+    /// end-to-end throughput per policy and executor (no simulation, no GPU needed).
+    Gpu,
 }
 
 const COMPUTE_POOL: &str = "azure-code";
@@ -473,6 +479,9 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"));
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    if cli.figure == Figure::Gpu {
+        return gpu::figures(&Path::new(env!("CARGO_MANIFEST_DIR")).join("gpu"), &out_dir);
+    }
     let lab = Lab {
         common: cli.common,
         out_dir,
@@ -483,6 +492,7 @@ fn main() -> Result<()> {
         Figure::Optimal => &[optimal],
         Figure::Ablation => &[ablation],
         Figure::All => &[density_mix, sharing, optimal, ablation],
+        Figure::Gpu => unreachable!("drawn above"),
     };
     for figure in run {
         figure(&lab)?;

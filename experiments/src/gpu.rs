@@ -1,0 +1,298 @@
+//! Figures of the device measurements kept in `experiments/gpu/` (the device tool's JSON
+//! outputs: kernel benchmarks, step executors, end-to-end runs). They redraw what was measured;
+//! the measuring commands are in `experiments/gpu/README.md`.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::plot;
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn field<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Value> {
+    v.get(key)
+        .ok_or_else(|| anyhow!("{}: no field `{key}` in {v}", path.display()))
+}
+
+fn number(v: &Value, key: &str, path: &Path) -> Result<f64> {
+    field(v, key, path)?
+        .as_f64()
+        .ok_or_else(|| anyhow!("{}: `{key}` is not a number in {v}", path.display()))
+}
+
+fn array<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Vec<Value>> {
+    field(v, key, path)?
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: `{key}` is not a list", path.display()))
+}
+
+/// One bar of a GPU figure.
+#[derive(Serialize)]
+pub struct GpuRow {
+    figure: &'static str,
+    category: String,
+    series: String,
+    value: f64,
+    unit: &'static str,
+}
+
+/// Categories in first-seen order and one series per name, for [`plot::grouped_bars`]; a
+/// category a series lacks gets 0.
+fn bars(rows: &[GpuRow]) -> (Vec<String>, Vec<(String, Vec<f64>)>) {
+    let mut categories: Vec<String> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for r in rows {
+        if !categories.contains(&r.category) {
+            categories.push(r.category.clone());
+        }
+        if !names.contains(&r.series) {
+            names.push(r.series.clone());
+        }
+    }
+    let series = names
+        .into_iter()
+        .map(|name| {
+            let values = categories
+                .iter()
+                .map(|c| {
+                    rows.iter()
+                        .find(|r| &r.category == c && r.series == name)
+                        .map_or(0.0, |r| r.value)
+                })
+                .collect();
+            (name, values)
+        })
+        .collect();
+    (categories, series)
+}
+
+/// Writes `rows` as `<name>.csv` and a grouped bar chart as `<name>.svg` in `out_dir`.
+fn write(out_dir: &Path, name: &str, title: &str, y_label: &str, rows: &[GpuRow]) -> Result<()> {
+    let csv_path = out_dir.join(format!("{name}.csv"));
+    let mut w = csv::Writer::from_path(&csv_path)
+        .with_context(|| format!("creating {}", csv_path.display()))?;
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    let (categories, series) = bars(rows);
+    plot::grouped_bars(
+        &out_dir.join(format!("{name}.svg")),
+        title,
+        y_label,
+        &categories,
+        &series,
+    )?;
+    println!("wrote {} and its figure", csv_path.display());
+    Ok(())
+}
+
+/// Prefill attention (ours vs torch SDPA, TFLOP/s) and decode attention (fraction of the copy
+/// bandwidth) from `bench.json` of `bench_model.py`.
+pub fn kernel_rows(bench: &Path) -> Result<(Vec<GpuRow>, Vec<GpuRow>)> {
+    let v = read_json(bench)?;
+    let (ours, torch) = (field(&v, "ours", bench)?, field(&v, "torch", bench)?);
+    let mut prefill = Vec::new();
+    let ours_prefill = array(ours, "prefill_attention", bench)?;
+    let torch_prefill = array(torch, "prefill_attention", bench)?;
+    for (a, b) in ours_prefill.iter().zip(torch_prefill) {
+        let (seqs, start, len) = (
+            number(a, "seqs", bench)?,
+            number(a, "start", bench)?,
+            number(a, "len", bench)?,
+        );
+        let category = format!("{seqs}x{len}@{start}");
+        let tflops = number(a, "tflops", bench)?;
+        let ratio = number(b, "secs", bench)? / number(a, "secs", bench)?;
+        for (series, value) in [("ours", tflops), ("torch SDPA", tflops / ratio)] {
+            prefill.push(GpuRow {
+                figure: "gpu-prefill-attention",
+                category: category.clone(),
+                series: series.into(),
+                value,
+                unit: "TFLOP/s",
+            });
+        }
+    }
+    let copy = number(torch, "copy_gbps", bench)?;
+    let mut decode = Vec::new();
+    let ours_decode = array(ours, "decode_attention", bench)?;
+    let torch_decode = array(torch, "decode_attention", bench)?;
+    for (a, b) in ours_decode.iter().zip(torch_decode) {
+        let category = format!(
+            "{}x{}",
+            number(a, "batch", bench)?,
+            number(a, "ctx", bench)?
+        );
+        let gbps = number(a, "gbps", bench)?;
+        let torch_gbps = gbps * number(a, "secs", bench)? / number(b, "secs", bench)?;
+        for (series, value) in [
+            ("ours (paged)", gbps / copy),
+            ("torch SDPA (contiguous)", torch_gbps / copy),
+        ] {
+            decode.push(GpuRow {
+                figure: "gpu-decode-attention",
+                category: category.clone(),
+                series: series.into(),
+                value,
+                unit: "fraction of copy bandwidth",
+            });
+        }
+    }
+    Ok((prefill, decode))
+}
+
+/// Step speed-up over the sequential executor per blend: each overlapped executor and the ideal
+/// (the step as long as its longer part alone), from `overlap_bench`'s JSON.
+pub fn step_executor_rows(path: &Path) -> Result<Vec<GpuRow>> {
+    let v = read_json(path)?;
+    let mut rows = Vec::new();
+    for blend in array(&v, "blends", path)? {
+        let category = format!(
+            "{}+{}",
+            number(blend, "prefill_tokens", path)?,
+            number(blend, "decode_seqs", path)?
+        );
+        let sequential = number(blend, "sequential_secs", path)?;
+        let ideal = number(blend, "prefill_alone_secs", path)?.max(number(
+            blend,
+            "decode_alone_secs",
+            path,
+        )?);
+        rows.push(GpuRow {
+            figure: "gpu-step-executors",
+            category: category.clone(),
+            series: "ideal (longer part alone)".into(),
+            value: sequential / ideal,
+            unit: "speed-up over sequential",
+        });
+        for e in array(blend, "executors", path)? {
+            // (An executor that could not run has no time.)
+            let Some(secs) = e.get("secs").and_then(Value::as_f64) else {
+                continue;
+            };
+            rows.push(GpuRow {
+                figure: "gpu-step-executors",
+                category: category.clone(),
+                series: field(e, "executor", path)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                value: sequential / secs,
+                unit: "speed-up over sequential",
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Total tokens/s of each policy per blend and step executor, from `engine_e2e.py`'s JSON
+/// (`label` names the blend).
+pub fn engine_rows(runs: &[(&str, &Path)]) -> Result<Vec<GpuRow>> {
+    let mut rows = Vec::new();
+    for &(label, path) in runs {
+        let v = read_json(path)?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| anyhow!("{}: not a list of runs", path.display()))?;
+        for run in list.iter().filter(|r| r.get("error").is_none()) {
+            let executor = run
+                .get("step_executor")
+                .and_then(Value::as_str)
+                .unwrap_or("sequential");
+            rows.push(GpuRow {
+                figure: "gpu-engine",
+                category: format!("{label}, {executor}"),
+                series: field(run, "name", path)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                value: number(run, "total_tokens_per_sec", path)?,
+                unit: "tokens/s",
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Every GPU figure from the measurements under `gpu_dir`, into `out_dir`.
+pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
+    let (prefill, decode) = kernel_rows(&gpu_dir.join("bench-last-run.json"))?;
+    write(
+        out_dir,
+        "gpu-prefill-attention",
+        "Paged causal prefill attention, H100: ours vs torch SDPA",
+        "TFLOP/s",
+        &prefill,
+    )?;
+    write(
+        out_dir,
+        "gpu-decode-attention",
+        "Paged decode attention, H100: share of copy bandwidth",
+        "fraction of copy bandwidth",
+        &decode,
+    )?;
+    write(
+        out_dir,
+        "gpu-step-executors",
+        "Overlapped step executors vs sequential (prefill tokens + decodes)",
+        "speed-up over sequential",
+        &step_executor_rows(&gpu_dir.join("overlap/step-executors.json"))?,
+    )?;
+    write(
+        out_dir,
+        "gpu-engine",
+        "blendserve run on the H100: tokens/s per policy, blend and step executor",
+        "tokens/s",
+        &engine_rows(&[
+            (
+                "code+conv",
+                &gpu_dir.join("engine/run10-code-conv-tma-auto-and-overlap.json"),
+            ),
+            (
+                "mooncake+conv",
+                &gpu_dir.join("engine/run11-mooncake-conv-auto.json"),
+            ),
+        ])?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored measurements parse, and the figures' numbers are the measured ones.
+    #[test]
+    fn the_stored_device_measurements_make_their_figures() {
+        let gpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("gpu");
+        let (prefill, decode) = kernel_rows(&gpu.join("bench-last-run.json")).expect("bench");
+        assert!(prefill.len() >= 2 && prefill.len() % 2 == 0);
+        assert!(prefill.iter().all(|r| r.value > 1.0 && r.value < 2000.0));
+        assert!(decode.iter().all(|r| r.value > 0.1 && r.value < 1.5));
+        let steps = step_executor_rows(&gpu.join("overlap/step-executors.json")).expect("steps");
+        assert!(steps
+            .iter()
+            .filter(|r| r.series.starts_with("ideal"))
+            .all(|r| r.value >= 0.95));
+        let engine = engine_rows(&[(
+            "code+conv",
+            &gpu.join("engine/run10-code-conv-tma-auto-and-overlap.json"),
+        )])
+        .expect("engine");
+        assert_eq!(engine.len(), 6);
+        assert!(engine.iter().any(|r| r.category.ends_with("overlap")));
+        let dir = tempfile::tempdir().expect("tempdir");
+        figures(&gpu, dir.path()).expect("figures");
+        for name in ["gpu-prefill-attention", "gpu-engine"] {
+            assert!(dir.path().join(format!("{name}.svg")).exists());
+            assert!(dir.path().join(format!("{name}.csv")).exists());
+        }
+    }
+}
