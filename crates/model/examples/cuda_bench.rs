@@ -158,6 +158,36 @@ fn main() {
     }
     out.insert("decode_attention".into(), json!(decode));
 
+    // Decode attention on part of the GPU (a green-context partition; the overlapped executor's
+    // memory lane): how much bandwidth a few SMs pull.
+    let mut partitions = Vec::new();
+    let partition_cases: &[(usize, usize)] = if quick {
+        &[(64, 2048)]
+    } else {
+        &[(256, 2048), (64, 8192)]
+    };
+    for &(seqs, ctx) in partition_cases {
+        let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
+        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        for sms in [16, 32, 48, 64, 96] {
+            match one.time_attention_on_sms(&bt, &cache, sms, 10) {
+                Ok((secs, got)) => {
+                    let gbps = kv_bytes / secs / 1e9;
+                    eprintln!(
+                        "decode attention b={seqs} ctx={ctx} on {got} SMs: {:.1} us, {gbps:.0} GB/s \
+                         ({:.0}% of copy)",
+                        secs * 1e6,
+                        100.0 * gbps / copy_gbps
+                    );
+                    partitions.push(json!({"batch": seqs, "ctx": ctx, "sms": got, "secs": secs,
+                                           "gbps": gbps, "of_copy": gbps / copy_gbps}));
+                }
+                Err(e) => eprintln!("decode attention on {sms} SMs: {e}"),
+            }
+        }
+    }
+    out.insert("decode_attention_partitions".into(), json!(partitions));
+
     // Paged prefill attention: `seqs` sequences of `len` new tokens at position `start`, causal.
     // Every case runs both kernels on the same random inputs: the default (wgmma on an H100) is
     // timed and compared with the mma.sync kernel, element by element.

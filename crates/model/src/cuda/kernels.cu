@@ -205,6 +205,91 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
 // `paged_decode_reduce`.
 
+// The end of a decode block: its 8 lane groups' online-softmax states (m, l, acc) merged in
+// shared memory, then the bf16 output (one split) or the split's partial result.
+template <int G, int D>
+__device__ void decode_merge(const float (&m)[G], const float (&l)[G], const float (&acc)[G][D / 16],
+                             bf16_t* __restrict__ out, float* __restrict__ part_acc,
+                             float* __restrict__ part_ml, int item, int kvh, int split,
+                             int num_splits, int heads, int row, int max_splits, int lane,
+                             int group) {
+    constexpr int DL = D / 16;
+    // Merge the 8 groups.
+    __shared__ float sm_m[8][G], sm_l[8][G];
+    __shared__ float sm_acc[8][G][D];
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            sm_m[group][g] = m[g];
+            sm_l[group][g] = l[g];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+        int g = idx / D, d = idx % D;
+        float mx = -1e30f;
+        for (int w = 0; w < 8; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        float lsum = 0.0f, a = 0.0f;
+        for (int w = 0; w < 8; ++w) {
+            float r = exp2f(sm_m[w][g] - mx);
+            lsum += sm_l[w][g] * r;
+            a += sm_acc[w][g][d] * r;
+        }
+        int h = kvh * G + g;
+        if (num_splits == 1) {
+            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
+        } else {
+            size_t p = ((size_t)item * heads + h) * max_splits + split;
+            part_acc[p * D + d] = a;
+            if (d == 0) {
+                part_ml[p * 2] = mx;
+                part_ml[p * 2 + 1] = lsum;
+            }
+        }
+    }
+}
+
+// One token of a decode lane group: this lane's DL dims of its K row (`kr`) and V row (`vr`)
+// into the G heads' scores (a 16-lane shuffle reduction every lane must join, valid or not)
+// and online softmax (m, l, acc).
+template <int G, int DL>
+__device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const bf16_t* kr,
+                                                  const bf16_t* vr, bool valid, float (&m)[G],
+                                                  float (&l)[G], float (&acc)[G][DL]) {
+    float s[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        float d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) d += q[g][i] * bf2f(kr[i]);
+        s[g] = d;
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+    }
+    if (!valid) return;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (s[g] > m[g]) {
+            float r = exp2f(m[g] - s[g]);
+            l[g] *= r;
+#pragma unroll
+            for (int i = 0; i < DL; ++i) acc[g][i] *= r;
+            m[g] = s[g];
+        }
+        float p = exp2f(s[g] - m[g]);
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) acc[g][i] += p * bf2f(vr[i]);
+    }
+}
+
 // U tokens per group per iteration (2 * U 16-byte loads in flight per lane; 8 measured slower
 // than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
 template <int G, int D, int U>
@@ -277,76 +362,13 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const bf16_t* kr = (const bf16_t*)&kraw[u];
-            const bf16_t* vr = (const bf16_t*)&vraw[u];
-            float s[G];
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                float d = 0.0f;
-#pragma unroll
-                for (int i = 0; i < DL; ++i) d += q[g][i] * bf2f(kr[i]);
-                s[g] = d;
-            }
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) {
-#pragma unroll
-                for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
-            }
-            if (!valid[u]) continue;
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                if (s[g] > m[g]) {
-                    float r = exp2f(m[g] - s[g]);
-                    l[g] *= r;
-#pragma unroll
-                    for (int i = 0; i < DL; ++i) acc[g][i] *= r;
-                    m[g] = s[g];
-                }
-                float p = exp2f(s[g] - m[g]);
-                l[g] += p;
-#pragma unroll
-                for (int i = 0; i < DL; ++i) acc[g][i] += p * bf2f(vr[i]);
-            }
+            decode_accumulate<G, DL>(q, (const bf16_t*)&kraw[u], (const bf16_t*)&vraw[u], valid[u],
+                                     m, l, acc);
         }
     }
 
-    // Merge the 8 groups.
-    __shared__ float sm_m[8][G], sm_l[8][G];
-    __shared__ float sm_acc[8][G][D];
-    if (lane == 0) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            sm_m[group][g] = m[g];
-            sm_l[group][g] = l[g];
-        }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-        int g = idx / D, d = idx % D;
-        float mx = -1e30f;
-        for (int w = 0; w < 8; ++w) mx = fmaxf(mx, sm_m[w][g]);
-        float lsum = 0.0f, a = 0.0f;
-        for (int w = 0; w < 8; ++w) {
-            float r = exp2f(sm_m[w][g] - mx);
-            lsum += sm_l[w][g] * r;
-            a += sm_acc[w][g][d] * r;
-        }
-        int h = kvh * G + g;
-        if (num_splits == 1) {
-            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
-        } else {
-            size_t p = ((size_t)item * heads + h) * max_splits + split;
-            part_acc[p * D + d] = a;
-            if (d == 0) {
-                part_ml[p * 2] = mx;
-                part_ml[p * 2 + 1] = lsum;
-            }
-        }
-    }
+    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, item, kvh, split, num_splits, heads,
+                       row, max_splits, lane, group);
 }
 
 #define DECODE_KERNEL(G, D)                                                                       \

@@ -1870,6 +1870,52 @@ impl CudaLlama {
         self.time(repeats, |m| run(m))
     }
 
+    /// [`CudaLlama::time_attention`] on a green-context partition of about `sms` SMs (its decode
+    /// split sized for them): seconds per launch and the SMs the driver gave.
+    pub fn time_attention_on_sms(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        sms: usize,
+        repeats: usize,
+    ) -> Result<(f64, usize), ModelError> {
+        let c = self.config.clone();
+        let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
+        let n = slots.len();
+        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
+        let stream = self.stream.clone();
+        let ints = self.ints.ptr(&stream, plan.ints.len())?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
+            .map_err(|e| cuda_err("upload", e))?;
+        let qkv = self
+            .qkv_buf
+            .ptr(&stream, n * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)?;
+        let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
+        let split = decode_split(
+            &c,
+            sms.min(self.sm_count),
+            &stream,
+            &plan,
+            &mut self.part_acc,
+            &mut self.part_ml,
+        )?;
+        // The uploads and scratch above come first.
+        self.synchronize()?;
+        overlap::time_on_partition(&self.ctx, sms, repeats, |lane| {
+            self.attention(
+                lane,
+                &plan,
+                ints,
+                qkv,
+                attn,
+                cache,
+                0,
+                &split,
+                AttentionPart::Both,
+            )
+        })
+    }
+
     /// Fills the query scratch for `batch` and layer 0's K and V in `cache` with uniform random
     /// values in [-1, 1) (for comparing attention kernels on the same inputs).
     pub fn randomize_attention_inputs(

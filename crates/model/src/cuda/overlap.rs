@@ -493,6 +493,48 @@ fn green_lane_streams(
     }
 }
 
+/// Seconds one call of `f` takes on a stream of a green context of about `sms` SMs (the driver
+/// rounds the partition), averaged over `repeats` calls after a warm-up, timed by events on
+/// that stream; and the partition's SM count. Benchmarks of one kernel on part of the GPU.
+pub(super) fn time_on_partition(
+    ctx: &Arc<CudaContext>,
+    sms: usize,
+    repeats: usize,
+    mut f: impl FnMut(CUstream) -> Result<(), ModelError>,
+) -> Result<(f64, usize), ModelError> {
+    let (_rest, _, lane, lane_sms) = green_lane_streams(ctx, sms)?;
+    let timing_event = || {
+        cudarc::driver::result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| cuda_err("creating an event", e))
+    };
+    let (start, end) = (timing_event()?, timing_event()?);
+    let timed = (|| {
+        f(lane.stream)?;
+        record(start, lane.stream)?;
+        for _ in 0..repeats.max(1) {
+            f(lane.stream)?;
+        }
+        record(end, lane.stream)?;
+        // SAFETY: both events were recorded above.
+        let ms = unsafe {
+            cudarc::driver::result::event::synchronize(end)
+                .and_then(|()| cudarc::driver::result::event::elapsed(start, end))
+        }
+        .map_err(|e| cuda_err("timing on a partition", e))?;
+        Ok::<f64, ModelError>(f64::from(ms))
+    })();
+    // SAFETY: events made above, no longer used after the synchronisation.
+    unsafe {
+        let _ = cudarc::driver::result::event::destroy(start);
+        let _ = cudarc::driver::result::event::destroy(end);
+    }
+    drop((_rest, lane));
+    // (Destroying green contexts may leave another context current.)
+    ctx.bind_to_thread()
+        .map_err(|e| cuda_err("binding the context", e))?;
+    Ok((timed? / 1e3 / repeats.max(1) as f64, lane_sms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{split_nano_batches, SmSplit, StepExecutor};
