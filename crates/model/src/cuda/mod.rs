@@ -522,6 +522,15 @@ fn decode_split(
     })
 }
 
+/// A planned and uploaded attention launch (benchmarks).
+struct AttentionRun {
+    plan: AttentionPlan,
+    ints: u64,
+    qkv: u64,
+    attn: u64,
+    split: DecodeSplit,
+}
+
 /// The rows of a step one pass over the layers works on (the whole batch, or one nano-batch of
 /// the overlapped executor): their plan, where its indices sit on the device, their
 /// activation rows and their decode split.
@@ -1824,14 +1833,14 @@ impl CudaLlama {
         Ok(())
     }
 
-    /// Seconds one layer's attention takes for `batch` (its K and V already in `cache`; q is
-    /// whatever the scratch holds), averaged over `repeats` launches timed by CUDA events.
-    pub fn time_attention(
+    /// Plans layer 0's attention for `batch` over `cache` (decode split sized for `sm_count`
+    /// SMs) and uploads the plan: what the attention benchmarks launch again and again.
+    fn prepare_attention(
         &mut self,
         batch: &ForwardBatch,
         cache: &CudaKvCache,
-        repeats: usize,
-    ) -> Result<f64, ModelError> {
+        sm_count: usize,
+    ) -> Result<AttentionRun, ModelError> {
         let c = self.config.clone();
         let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
         let n = slots.len();
@@ -1846,28 +1855,53 @@ impl CudaLlama {
         let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
         let split = decode_split(
             &c,
-            self.sm_count,
+            sm_count,
             &stream,
             &plan,
             &mut self.part_acc,
             &mut self.part_ml,
         )?;
-        let main = stream.cu_stream();
-        let run = |m: &Self| {
-            m.attention(
-                main,
-                &plan,
-                ints,
-                qkv,
-                attn,
-                cache,
-                0,
-                &split,
-                AttentionPart::Both,
-            )
-        };
-        run(self)?;
-        self.time(repeats, |m| run(m))
+        Ok(AttentionRun {
+            plan,
+            ints,
+            qkv,
+            attn,
+            split,
+        })
+    }
+
+    /// One launch of a prepared attention on `stream`.
+    fn launch_attention(
+        &self,
+        stream: CUstream,
+        run: &AttentionRun,
+        cache: &CudaKvCache,
+    ) -> Result<(), ModelError> {
+        self.attention(
+            stream,
+            &run.plan,
+            run.ints,
+            run.qkv,
+            run.attn,
+            cache,
+            0,
+            &run.split,
+            AttentionPart::Both,
+        )
+    }
+
+    /// Seconds one layer's attention takes for `batch` (its K and V already in `cache`; q is
+    /// whatever the scratch holds), averaged over `repeats` launches timed by CUDA events.
+    pub fn time_attention(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        repeats: usize,
+    ) -> Result<f64, ModelError> {
+        let run = self.prepare_attention(batch, cache, self.sm_count)?;
+        let main = self.stream.cu_stream();
+        self.launch_attention(main, &run, cache)?;
+        self.time(repeats, |m| m.launch_attention(main, &run, cache))
     }
 
     /// [`CudaLlama::time_attention`] on a green-context partition of about `sms` SMs (its decode
@@ -1879,40 +1913,11 @@ impl CudaLlama {
         sms: usize,
         repeats: usize,
     ) -> Result<(f64, usize), ModelError> {
-        let c = self.config.clone();
-        let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
-        let n = slots.len();
-        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
-        let stream = self.stream.clone();
-        let ints = self.ints.ptr(&stream, plan.ints.len())?;
-        unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
-            .map_err(|e| cuda_err("upload", e))?;
-        let qkv = self
-            .qkv_buf
-            .ptr(&stream, n * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)?;
-        let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
-        let split = decode_split(
-            &c,
-            sms.min(self.sm_count),
-            &stream,
-            &plan,
-            &mut self.part_acc,
-            &mut self.part_ml,
-        )?;
+        let run = self.prepare_attention(batch, cache, sms.min(self.sm_count))?;
         // The uploads and scratch above come first.
         self.synchronize()?;
         overlap::time_on_partition(&self.ctx, sms, repeats, |lane| {
-            self.attention(
-                lane,
-                &plan,
-                ints,
-                qkv,
-                attn,
-                cache,
-                0,
-                &split,
-                AttentionPart::Both,
-            )
+            self.launch_attention(lane, &run, cache)
         })
     }
 
