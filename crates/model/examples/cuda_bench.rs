@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use model::cuda::{CudaLlama, PrefillKernel, WgmmaVariant};
+use model::cuda::{CudaLlama, DecodeKernel, PrefillKernel, WgmmaVariant};
 use model::{CudaStepModel, ForwardBatch, SequenceChunk, StepModel};
 use serde_json::json;
 
@@ -139,22 +139,54 @@ fn main() {
     let cache = one
         .new_cache(max_tokens / BLOCK + 64, BLOCK)
         .expect("cache");
+    // The default kernel, then (on an H100) the tensor-core one on the same inputs.
+    let mut decode_kernels = vec![DecodeKernel::Lanes];
+    if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
+        decode_kernels.push(DecodeKernel::TensorCores);
+    }
+    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
     let mut decode = Vec::new();
     for &(seqs, ctx) in cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
         one.randomize_attention_inputs(&bt, &cache, 5)
             .expect("random inputs");
-        let secs = one
-            .time_attention(&bt, &cache, 20)
-            .expect("decode attention");
         let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
-        let gbps = kv_bytes / secs / 1e9;
-        eprintln!(
-            "decode attention b={seqs} ctx={ctx}: {:.1} us, {gbps:.0} GB/s ({:.0}% of copy)",
-            secs * 1e6,
-            100.0 * gbps / copy_gbps
+        let mut runs = Vec::new();
+        for &kernel in &decode_kernels {
+            one.set_decode_kernel(kernel).expect("kernel");
+            let secs = one
+                .time_attention(&bt, &cache, 20)
+                .expect("decode attention");
+            runs.push((kernel, secs, one.attention_output(seqs).expect("output")));
+        }
+        one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+        let variants: Vec<_> = runs
+            .iter()
+            .map(|(kernel, secs, got)| {
+                let gbps = kv_bytes / secs / 1e9;
+                let max_abs_diff = got
+                    .iter()
+                    .zip(&runs[0].2)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                let non_finite = got.iter().filter(|x| !x.is_finite()).count();
+                eprintln!(
+                    "decode attention b={seqs} ctx={ctx} {kernel:?}: {:.1} us, {gbps:.0} GB/s \
+                     ({:.0}% of copy), max |diff| vs default {max_abs_diff:.2e}, {non_finite} \
+                     non-finite",
+                    secs * 1e6,
+                    100.0 * gbps / copy_gbps
+                );
+                json!({"kernel": format!("{kernel:?}"), "secs": secs, "gbps": gbps,
+                       "of_copy": gbps / copy_gbps, "max_abs_diff_vs_default": max_abs_diff,
+                       "non_finite": non_finite})
+            })
+            .collect();
+        let (secs, gbps) = (runs[0].1, kv_bytes / runs[0].1 / 1e9);
+        decode.push(
+            json!({"batch": seqs, "ctx": ctx, "secs": secs, "gbps": gbps,
+                           "of_copy": gbps / copy_gbps, "variants": variants}),
         );
-        decode.push(json!({"batch": seqs, "ctx": ctx, "secs": secs, "gbps": gbps, "of_copy": gbps / copy_gbps}));
     }
     out.insert("decode_attention".into(), json!(decode));
 
@@ -169,22 +201,28 @@ fn main() {
     for &(seqs, ctx) in partition_cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
         let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
-        for sms in [16, 32, 48, 64, 96] {
-            match one.time_attention_on_sms(&bt, &cache, sms, 10) {
-                Ok((secs, got)) => {
-                    let gbps = kv_bytes / secs / 1e9;
-                    eprintln!(
-                        "decode attention b={seqs} ctx={ctx} on {got} SMs: {:.1} us, {gbps:.0} GB/s \
-                         ({:.0}% of copy)",
-                        secs * 1e6,
-                        100.0 * gbps / copy_gbps
-                    );
-                    partitions.push(json!({"batch": seqs, "ctx": ctx, "sms": got, "secs": secs,
-                                           "gbps": gbps, "of_copy": gbps / copy_gbps}));
+        for &kernel in &decode_kernels {
+            one.set_decode_kernel(kernel).expect("kernel");
+            for sms in [16, 32, 48, 64, 96] {
+                match one.time_attention_on_sms(&bt, &cache, sms, 10) {
+                    Ok((secs, got)) => {
+                        let gbps = kv_bytes / secs / 1e9;
+                        eprintln!(
+                            "decode attention b={seqs} ctx={ctx} {kernel:?} on {got} SMs: \
+                             {:.1} us, {gbps:.0} GB/s ({:.0}% of copy)",
+                            secs * 1e6,
+                            100.0 * gbps / copy_gbps
+                        );
+                        partitions.push(json!({"batch": seqs, "ctx": ctx,
+                                               "kernel": format!("{kernel:?}"), "sms": got,
+                                               "secs": secs, "gbps": gbps,
+                                               "of_copy": gbps / copy_gbps}));
+                    }
+                    Err(e) => eprintln!("decode attention on {sms} SMs: {e}"),
                 }
-                Err(e) => eprintln!("decode attention on {sms} SMs: {e}"),
             }
         }
+        one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
     }
     out.insert("decode_attention_partitions".into(), json!(partitions));
 

@@ -6,12 +6,13 @@
 //!
 //! ```text
 //! cargo build --release -p model --example overlap_bench --features cuda
-//! ./target/release/examples/overlap_bench [--layers N] [--ctx TOKENS] [--executors LIST] > out.json
+//! ./target/release/examples/overlap_bench [--layers N] [--ctx TOKENS] [--executors LIST] \
+//!     [--decode-kernel lanes|tensor-cores] > out.json
 //! ```
 
 use std::time::Instant;
 
-use model::cuda::{CudaLlama, StepExecutor};
+use model::cuda::{CudaLlama, DecodeKernel, StepExecutor};
 use model::{CudaStepModel, ProbeBlend, StepModel};
 use serde_json::json;
 
@@ -64,6 +65,15 @@ fn main() {
         .unwrap_or(0)
         + 64;
     model.allocate_cache(num_blocks, BLOCK).expect("cache");
+    let decode_kernel = match arg("--decode-kernel").as_deref() {
+        None | Some("lanes") => DecodeKernel::Lanes,
+        Some("tensor-cores") => DecodeKernel::TensorCores,
+        Some(other) => panic!("--decode-kernel {other}: lanes or tensor-cores"),
+    };
+    model
+        .model_mut()
+        .set_decode_kernel(decode_kernel)
+        .expect("decode kernel");
     let sm_total = model.model().sm_count();
     // Shuffled blocks, so no block table is contiguous.
     let block_ids = shuffled_block_ids(num_blocks);
@@ -162,6 +172,6 @@ fn main() {
     }
     println!(
         "{}",
-        json!({"layers": layers, "sm_count": sm_total, "blends": rows})
+        json!({"layers": layers, "sm_count": sm_total, "decode_kernel": format!("{decode_kernel:?}"), "blends": rows})
     );
 }

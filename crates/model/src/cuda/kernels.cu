@@ -205,6 +205,38 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
 // `paged_decode_reduce`.
 
+// The merge of NG partial softmax states per head (m, l: [NG][G]; acc: [NG][G][D] in shared
+// memory, written and synchronised by the caller): the bf16 output (one split) or the split's
+// partial result for `paged_decode_reduce`.
+template <int G, int D, int NG>
+__device__ void decode_finish(const float* sm_m, const float* sm_l, const float* sm_acc,
+                              bf16_t* __restrict__ out, float* __restrict__ part_acc,
+                              float* __restrict__ part_ml, int item, int kvh, int split,
+                              int num_splits, int heads, int row, int max_splits) {
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+        int g = idx / D, d = idx % D;
+        float mx = -1e30f;
+        for (int w = 0; w < NG; ++w) mx = fmaxf(mx, sm_m[w * G + g]);
+        float lsum = 0.0f, a = 0.0f;
+        for (int w = 0; w < NG; ++w) {
+            float r = exp2f(sm_m[w * G + g] - mx);
+            lsum += sm_l[w * G + g] * r;
+            a += sm_acc[(w * G + g) * D + d] * r;
+        }
+        int h = kvh * G + g;
+        if (num_splits == 1) {
+            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
+        } else {
+            size_t p = ((size_t)item * heads + h) * max_splits + split;
+            part_acc[p * D + d] = a;
+            if (d == 0) {
+                part_ml[p * 2] = mx;
+                part_ml[p * 2 + 1] = lsum;
+            }
+        }
+    }
+}
+
 // The end of a decode block: its 8 lane groups' online-softmax states (m, l, acc) merged in
 // shared memory, then the bf16 output (one split) or the split's partial result.
 template <int G, int D>
@@ -229,28 +261,8 @@ __device__ void decode_merge(const float (&m)[G], const float (&l)[G], const flo
 #pragma unroll
         for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-        int g = idx / D, d = idx % D;
-        float mx = -1e30f;
-        for (int w = 0; w < 8; ++w) mx = fmaxf(mx, sm_m[w][g]);
-        float lsum = 0.0f, a = 0.0f;
-        for (int w = 0; w < 8; ++w) {
-            float r = exp2f(sm_m[w][g] - mx);
-            lsum += sm_l[w][g] * r;
-            a += sm_acc[w][g][d] * r;
-        }
-        int h = kvh * G + g;
-        if (num_splits == 1) {
-            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
-        } else {
-            size_t p = ((size_t)item * heads + h) * max_splits + split;
-            part_acc[p * D + d] = a;
-            if (d == 0) {
-                part_ml[p * 2] = mx;
-                part_ml[p * 2 + 1] = lsum;
-            }
-        }
-    }
+    decode_finish<G, D, 8>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], out, part_acc, part_ml,
+                           item, kvh, split, num_splits, heads, row, max_splits);
 }
 
 // One token of a decode lane group: this lane's DL dims of its K row (`kr`) and V row (`vr`)
@@ -485,6 +497,191 @@ __device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int bloc
     size_t slot = (size_t)table[blk] * block_size + within;
     return (slot * kv_heads + kvh) * D;
 }
+
+// Paged decode attention on tensor cores (head_dim 128, G <= 8 query heads a KV head): the
+// GQA group's G heads are the rows of an m16n8k16 A operand (rows G..15 zero), so a token costs
+// a few MMAs for the whole group instead of ~110 lane instructions. Block (item, kv_head,
+// split), 4 warps; warp w takes 16-token chunks w, w + 4, ... of the split, each double-buffered
+// by cp.async into its own shared memory (no block barrier until the merge), and keeps its own
+// online softmax; the 4 warps merge at the end like the lane groups of `paged_decode_impl`.
+template <int G>
+__device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
+                                     float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
+                                     const bf16_t* __restrict__ k_cache,
+                                     const bf16_t* __restrict__ v_cache,
+                                     const u32* __restrict__ block_tables,
+                                     const int* __restrict__ item_rows,
+                                     const int* __restrict__ item_ctx,
+                                     const int* __restrict__ item_table_off, int kv_heads,
+                                     int block_size, int split_tokens, int max_splits,
+                                     float scale_log2) {
+    static_assert(G >= 1 && G <= 8, "the group's heads are rows 0..7 of the MMA");
+    constexpr int D = 128, CH = 16, KP = D + 8, WARPS = 4;
+    const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int ctx = item_ctx[item];
+    const int s0 = split * split_tokens;
+    if (s0 >= ctx) return;
+    const int s1 = min(ctx, s0 + split_tokens);
+    const int num_splits = (ctx + split_tokens - 1) / split_tokens;
+    const int heads = kv_heads * G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32* table = block_tables + item_table_off[item];
+    const int row = item_rows[item];
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
+    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
+    const int block_shift = __ffs(block_size) - 1;
+
+    // Q as A fragments: row g is head kvh * G + g (rows >= G and 8..15 zero).
+    u32 qf[D / 16][4];
+    {
+        const u32* qrow =
+            (const u32*)(qkv + row * qkv_width + (size_t)(kvh * G + min(g, G - 1)) * D);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            qf[kk][0] = g < G ? qrow[kk * 8 + t] : 0u;
+            qf[kk][1] = 0u;
+            qf[kk][2] = g < G ? qrow[kk * 8 + 4 + t] : 0u;
+            qf[kk][3] = 0u;
+        }
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_row = -1e30f, l_row = 0.0f;
+
+    // This warp's two stages: K [16][KP], V [16][KP] each.
+    extern __shared__ __align__(16) unsigned char decode_smem[];
+    bf16_t* wsm = (bf16_t*)decode_smem + warp * 2 * 2 * CH * KP;
+    auto load = [&](int chunk, int stage) {
+        const int base = s0 + chunk * CH;
+        bf16_t* dk = wsm + stage * 2 * CH * KP;
+        bf16_t* dv = dk + CH * KP;
+#pragma unroll
+        for (int c = lane; c < CH * D / 8; c += 32) {
+            const int tok = c >> 4, d8 = (c & 15) * 8, p = base + tok;
+            const bf16_t* ks = k_cache;
+            const bf16_t* vs = v_cache;
+            int bytes = 0;
+            if (p < s1) {
+                const size_t off =
+                    paged_kv_row(table, p, block_size, pow2_blocks, block_shift, kv_heads, kvh, D) +
+                    d8;
+                ks = k_cache + off;
+                vs = v_cache + off;
+                bytes = 16;
+            }
+            cp_async16(&dk[tok * KP + d8], ks, bytes);
+            cp_async16(&dv[tok * KP + d8], vs, bytes);
+        }
+        cp_async_commit();
+    };
+    const int chunks = (s1 - s0 + CH - 1) / CH;
+    const int mine = chunks > warp ? (chunks - warp + WARPS - 1) / WARPS : 0;
+    if (mine > 0) load(warp, 0);
+    for (int i = 0; i < mine; ++i) {
+        if (i + 1 < mine) {
+            load(warp + (i + 1) * WARPS, (i + 1) & 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncwarp();
+        const int base = s0 + (warp + i * WARPS) * CH;
+        const bf16_t* sk = wsm + (i & 1) * 2 * CH * KP;
+        const bf16_t* sv = sk + CH * KP;
+        // S = Q K^T: 16 x 16 (2 n-tiles of 8 tokens), 8 k-steps, two a ldmatrix.x4.
+        float sc[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                u32 b[4];
+                ldmatrix_x4(b, &sk[(n * 8 + (lane & 7)) * KP + kk * 16 + (lane >> 3) * 8]);
+                mma_bf16(sc[n], qf[kk], b[0], b[1]);
+                mma_bf16(sc[n], qf[kk + 1], b[2], b[3]);
+            }
+        }
+        // Row g's scores (c0, c1 of each n-tile), tokens past the split masked.
+        float mx = m_row;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const int key = base + n * 8 + 2 * t;
+            sc[n][0] = key < s1 ? sc[n][0] * scale_log2 : -1e30f;
+            sc[n][1] = key + 1 < s1 ? sc[n][1] * scale_log2 : -1e30f;
+            mx = fmaxf(mx, fmaxf(sc[n][0], sc[n][1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float r = exp2f(m_row - mx);
+        m_row = mx;
+        float sum = 0.0f;
+        u32 pf[4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const float p0 = sc[n][0] <= -1e29f ? 0.0f : exp2f(sc[n][0] - m_row);
+            const float p1 = sc[n][1] <= -1e29f ? 0.0f : exp2f(sc[n][1] - m_row);
+            sum += p0 + p1;
+            pf[n * 2] = pack_bf2(p0, p1);
+            pf[n * 2 + 1] = 0u;  // rows 8..15
+        }
+        l_row = l_row * r + sum;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= r;
+            o[n][1] *= r;
+        }
+        // O += P V: one k-step of 16 tokens, 16 dim tiles, two a ldmatrix.x4.trans.
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, &sv[(lane & 15) * KP + (n + (lane >> 4)) * 8]);
+            mma_bf16(o[n], pf, b[0], b[1]);
+            mma_bf16(o[n + 1], pf, b[2], b[3]);
+        }
+        __syncwarp();  // this stage is read; the next load may overwrite it
+    }
+    l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
+    l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+
+    // Merge the 4 warps, in the ring's shared memory once every warp is done with it (so the
+    // block fits 3 to an SM): m, l [WARPS][G], then acc [WARPS][G][D].
+    __syncthreads();
+    float* sm_m = (float*)decode_smem;
+    float* sm_l = sm_m + WARPS * G;
+    float* sm_acc = sm_l + WARPS * G;
+    if (g < G) {
+        if (t == 0) {
+            sm_m[warp * G + g] = m_row;
+            sm_l[warp * G + g] = l_row;
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            sm_acc[(warp * G + g) * D + n * 8 + 2 * t] = o[n][0];
+            sm_acc[(warp * G + g) * D + n * 8 + 2 * t + 1] = o[n][1];
+        }
+    }
+    __syncthreads();
+    decode_finish<G, D, WARPS>(sm_m, sm_l, sm_acc, out, part_acc, part_ml, item, kvh, split,
+                               num_splits, heads, row, max_splits);
+}
+
+// paged_decode_tc_g{G}_d128: the grid and arguments of paged_decode_g{G}_d128; dynamic shared
+// memory 4 warps x 2 stages x (K, V) x 16 x 136 bf16 = 69632 bytes.
+#define DECODE_TC_KERNEL(G)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode_tc_g##G##_d128(                \
+        bf16_t* out, float* part_acc, float* part_ml, const bf16_t* qkv, const bf16_t* k_cache,  \
+        const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
+        const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
+        int split_tokens, int max_splits, float scale_log2) {                                     \
+        paged_decode_tc_impl<G>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
+                                item_rows, item_ctx, item_table_off, kv_heads, block_size,       \
+                                split_tokens, max_splits, scale_log2);                            \
+    }
+
+#if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
+DECODE_TC_KERNEL(4)
+#endif
 
 template <int D>
 __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __restrict__ qkv,

@@ -124,6 +124,20 @@ pub fn tma_block_size_ok(block_size: usize) -> bool {
     block_size.is_power_of_two() && block_size >= 8
 }
 
+/// Which kernel runs decode attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeKernel {
+    /// 16-lane groups, one token each, scores by FMAs and shuffles (the default).
+    Lanes,
+    /// The GQA group's heads as the rows of tensor-core MMAs (benchmark variant: compute
+    /// capability 9.0, KV group 4, head_dim 128).
+    TensorCores,
+}
+
+/// Dynamic shared memory of the tensor-core decode kernel: 4 warps x 2 stages x K, V x 16
+/// tokens x 136 (padded) bf16.
+const DECODE_TC_SMEM_BYTES: usize = 4 * 2 * 2 * 16 * 136 * 2;
+
 /// Which kernel runs prefill attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillKernel {
@@ -245,6 +259,8 @@ struct Kernels {
     silu_mul: CudaFunction,
     rope_write_kv: CudaFunction,
     decode: HashMap<(usize, usize), CudaFunction>,
+    /// Tensor-core decode kernels by KV group, once a benchmark asked for one.
+    decode_tc: HashMap<usize, CudaFunction>,
     decode_reduce: CudaFunction,
     prefill: HashMap<usize, CudaFunction>,
     /// Compute capability 9.0 only (compiled for `sm_90a`): the variants of `WGMMA_PREFERENCE`,
@@ -301,6 +317,7 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             rope_write_kv: f("rope_write_kv")?,
             decode,
+            decode_tc: HashMap::new(),
             decode_reduce: f("paged_decode_reduce")?,
             prefill,
             prefill_wgmma,
@@ -312,8 +329,8 @@ impl Kernels {
         })
     }
 
-    /// Compiles and loads the wgmma variants that are not in the load-time module (compute
-    /// capability 9.0 only; a few seconds of NVRTC).
+    /// Compiles and loads the wgmma variants (and the tensor-core decode kernel) that are not in
+    /// the load-time module (compute capability 9.0 only; a few seconds of NVRTC).
     fn load_all_wgmma_variants(&mut self, ctx: &Arc<CudaContext>) -> Result<(), ModelError> {
         let (major, minor) = self.compute_capability;
         if (major, minor) != (9, 0) || self.all_wgmma_module.is_some() {
@@ -329,6 +346,16 @@ impl Kernels {
                 slot.insert(wgmma_function(&module, variant)?);
             }
         }
+        let name = "paged_decode_tc_g4_d128";
+        let func = module
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            DECODE_TC_SMEM_BYTES as i32,
+        )
+        .map_err(|e| cuda_err("tensor-core decode kernel shared memory", e))?;
+        self.decode_tc.insert(4, func);
         self.all_wgmma_module = Some(module);
         Ok(())
     }
@@ -736,6 +763,7 @@ pub struct CudaLlama {
     /// Multiprocessors, for sizing the decode split.
     sm_count: usize,
     prefill_kernel: PrefillKernel,
+    decode_kernel: DecodeKernel,
     hidden: Scratch<u16>,
     normed: Scratch<u16>,
     qkv_buf: Scratch<u16>,
@@ -821,6 +849,7 @@ impl CudaLlama {
             inv_freq,
             sm_count,
             prefill_kernel,
+            decode_kernel: DecodeKernel::Lanes,
             hidden: Scratch::new(),
             normed: Scratch::new(),
             qkv_buf: Scratch::new(),
@@ -1062,6 +1091,28 @@ impl CudaLlama {
             }
         }
         self.prefill_kernel = kernel;
+        Ok(())
+    }
+
+    pub fn decode_kernel(&self) -> DecodeKernel {
+        self.decode_kernel
+    }
+
+    /// Chooses the decode attention kernel (benchmarks compare them); an error if this GPU,
+    /// KV group or head size has no such kernel.
+    pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) -> Result<(), ModelError> {
+        if kernel == DecodeKernel::TensorCores {
+            self.kernels.load_all_wgmma_variants(&self.ctx)?;
+            let c = &self.config;
+            let group = c.num_heads / c.num_kv_heads;
+            if c.head_dim != 128 || !self.kernels.decode_tc.contains_key(&group) {
+                return Err(ModelError::Cuda(format!(
+                    "no tensor-core decode kernel for KV group {group} and head_dim {}",
+                    c.head_dim
+                )));
+            }
+        }
+        self.decode_kernel = kernel;
         Ok(())
     }
 
@@ -1730,13 +1781,21 @@ impl CudaLlama {
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
         if plan.decode_items > 0 && part != AttentionPart::Prefill {
-            let f = &self.kernels.decode[&(heads / kv_heads, d)];
+            let group = heads / kv_heads;
+            // (set_decode_kernel checked that the tensor-core kernel exists.)
+            let (f, smem_bytes) = match self.decode_kernel {
+                DecodeKernel::Lanes => (&self.kernels.decode[&(group, d)], 0),
+                DecodeKernel::TensorCores => {
+                    (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
+                }
+            };
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
-            self.launch_on(
+            self.launch_smem_on(
                 stream,
                 f,
                 (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
                 128,
+                smem_bytes,
                 &[
                     Ptr(attn),
                     Ptr(part_acc),
