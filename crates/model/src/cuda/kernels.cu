@@ -302,6 +302,34 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
     }
 }
 
+// What a decode block (item, kv_head, split) works on: the split's positions [s0, s1) of the
+// item's context, its block table and query row.
+struct DecodeBlock {
+    int item, kvh, split, s0, s1, num_splits, heads, row;
+    const u32* table;
+    size_t qkv_width;
+};
+
+// The block's `DecodeBlock`; false when the split starts past the context (nothing to do).
+__device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, int head_dim,
+                                             const u32* block_tables, const int* item_rows,
+                                             const int* item_ctx, const int* item_table_off,
+                                             int kv_heads, int split_tokens) {
+    b.item = blockIdx.x;
+    b.kvh = blockIdx.y;
+    b.split = blockIdx.z;
+    const int ctx = item_ctx[b.item];
+    b.s0 = b.split * split_tokens;
+    if (b.s0 >= ctx) return false;
+    b.s1 = min(ctx, b.s0 + split_tokens);
+    b.num_splits = (ctx + split_tokens - 1) / split_tokens;
+    b.heads = kv_heads * group_heads;
+    b.table = block_tables + item_table_off[b.item];
+    b.row = item_rows[b.item];
+    b.qkv_width = (size_t)(b.heads + 2 * kv_heads) * head_dim;
+    return true;
+}
+
 // U tokens per group per iteration (2 * U 16-byte loads in flight per lane; 8 measured slower
 // than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
 template <int G, int D, int U>
@@ -315,17 +343,16 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
                                   const int* __restrict__ item_table_off, int kv_heads,
                                   int block_size, int split_tokens, int max_splits, float scale_log2) {
     constexpr int DL = D / 16;  // dims per lane
-    const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const int ctx = item_ctx[item];
-    const int s0 = split * split_tokens;
-    if (s0 >= ctx) return;
-    const int s1 = min(ctx, s0 + split_tokens);
-    const int num_splits = (ctx + split_tokens - 1) / split_tokens;
-    const int heads = kv_heads * G;
+    DecodeBlock b;
+    if (!decode_block(b, G, D, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
+                      split_tokens)) {
+        return;
+    }
+    const int item = b.item, kvh = b.kvh, split = b.split, s0 = b.s0, s1 = b.s1;
+    const int num_splits = b.num_splits, heads = b.heads, row = b.row;
+    const u32* table = b.table;
+    const size_t qkv_width = b.qkv_width;
     const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
-    const u32* table = block_tables + item_table_off[item];
-    const int row = item_rows[item];
-    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
 
     float q[G][DL];
 #pragma unroll
@@ -498,6 +525,26 @@ __device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int bloc
     return (slot * kv_heads + kvh) * D;
 }
 
+// Dims d8 .. d8 + 7 (16 bytes) of position p's K and V rows, by cp.async into dk and dv; zeros
+// for positions at or past `end`.
+__device__ __forceinline__ void cp_async_kv_chunk(bf16_t* dk, bf16_t* dv, const bf16_t* k_cache,
+                                                  const bf16_t* v_cache, const u32* table, int p,
+                                                  int end, int d8, int block_size, bool pow2,
+                                                  int block_shift, int kv_heads, int kvh, int D) {
+    const bf16_t* ks = k_cache;
+    const bf16_t* vs = v_cache;
+    int bytes = 0;
+    if (p < end) {
+        const size_t off =
+            paged_kv_row(table, p, block_size, pow2, block_shift, kv_heads, kvh, D) + d8;
+        ks = k_cache + off;
+        vs = v_cache + off;
+        bytes = 16;
+    }
+    cp_async16(dk, ks, bytes);
+    cp_async16(dv, vs, bytes);
+}
+
 // Paged decode attention on tensor cores (head_dim 128, G <= 8 query heads a KV head): the
 // GQA group's G heads are the rows of an m16n8k16 A operand (rows G..15 zero), so a token costs
 // a few MMAs for the whole group instead of ~110 lane instructions. Block (item, kv_head,
@@ -517,17 +564,16 @@ __device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict
                                      float scale_log2) {
     static_assert(G >= 1 && G <= 8, "the group's heads are rows 0..7 of the MMA");
     constexpr int D = 128, CH = 16, KP = D + 8, WARPS = 4;
-    const int item = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const int ctx = item_ctx[item];
-    const int s0 = split * split_tokens;
-    if (s0 >= ctx) return;
-    const int s1 = min(ctx, s0 + split_tokens);
-    const int num_splits = (ctx + split_tokens - 1) / split_tokens;
-    const int heads = kv_heads * G;
+    DecodeBlock b;
+    if (!decode_block(b, G, D, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
+                      split_tokens)) {
+        return;
+    }
+    const int item = b.item, kvh = b.kvh, split = b.split, s0 = b.s0, s1 = b.s1;
+    const int num_splits = b.num_splits, heads = b.heads, row = b.row;
+    const u32* table = b.table;
+    const size_t qkv_width = b.qkv_width;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const u32* table = block_tables + item_table_off[item];
-    const int row = item_rows[item];
-    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * D;
     const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
     const int block_shift = __ffs(block_size) - 1;
 
@@ -558,20 +604,10 @@ __device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict
         bf16_t* dv = dk + CH * KP;
 #pragma unroll
         for (int c = lane; c < CH * D / 8; c += 32) {
-            const int tok = c >> 4, d8 = (c & 15) * 8, p = base + tok;
-            const bf16_t* ks = k_cache;
-            const bf16_t* vs = v_cache;
-            int bytes = 0;
-            if (p < s1) {
-                const size_t off =
-                    paged_kv_row(table, p, block_size, pow2_blocks, block_shift, kv_heads, kvh, D) +
-                    d8;
-                ks = k_cache + off;
-                vs = v_cache + off;
-                bytes = 16;
-            }
-            cp_async16(&dk[tok * KP + d8], ks, bytes);
-            cp_async16(&dv[tok * KP + d8], vs, bytes);
+            const int tok = c >> 4, d8 = (c & 15) * 8;
+            cp_async_kv_chunk(&dk[tok * KP + d8], &dv[tok * KP + d8], k_cache, v_cache, table,
+                              base + tok, s1, d8, block_size, pow2_blocks, block_shift, kv_heads,
+                              kvh, D);
         }
         cp_async_commit();
     };
@@ -747,20 +783,9 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
         bf16_t* dv = dk + BN * KP;
         for (int c = threadIdx.x; c < BN * D / 8; c += blockDim.x) {
             int key = c / (D / 8), d8 = (c % (D / 8)) * 8;
-            int p = k0 + key;
-            const bf16_t* ks = k_cache;
-            const bf16_t* vs = v_cache;
-            int bytes = 0;
-            if (p < kv_end) {
-                size_t off = paged_kv_row(table, p, block_size, pow2_blocks, block_shift,
-                                          kv_heads, kvh, D) +
-                             d8;
-                ks = k_cache + off;
-                vs = v_cache + off;
-                bytes = 16;
-            }
-            cp_async16(&dk[key * KP + d8], ks, bytes);
-            cp_async16(&dv[key * KP + d8], vs, bytes);
+            cp_async_kv_chunk(&dk[key * KP + d8], &dv[key * KP + d8], k_cache, v_cache, table,
+                              k0 + key, kv_end, d8, block_size, pow2_blocks, block_shift, kv_heads,
+                              kvh, D);
         }
         cp_async_commit();
     };
