@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use model::cuda::{CudaLlama, DecodeKernel, PrefillKernel, WgmmaVariant};
+use model::cuda::{CudaKvCache, CudaLlama, DecodeKernel, PrefillKernel, WgmmaVariant};
 use model::{CudaStepModel, ForwardBatch, SequenceChunk, StepModel};
 use serde_json::json;
 
@@ -49,6 +49,44 @@ fn batch_in_blocks(
             })
             .collect(),
     }
+}
+
+/// How far `got` is from `reference`: the largest absolute difference and how many values of
+/// `got` are not finite.
+fn compare_outputs(got: &[f32], reference: &[f32]) -> (f32, usize) {
+    let max_abs_diff = got
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    (max_abs_diff, got.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// Each of `kernels` (made current by `choose`) timed over `repeats` launches of `batch`'s
+/// attention, with its output (`rows` rows); `restore` is made current afterwards.
+#[allow(clippy::too_many_arguments)]
+fn time_kernels<K: Copy>(
+    one: &mut CudaLlama,
+    choose: fn(&mut CudaLlama, K) -> Result<(), model::ModelError>,
+    kernels: &[K],
+    restore: K,
+    batch: &ForwardBatch,
+    cache: &CudaKvCache,
+    repeats: usize,
+    rows: usize,
+) -> Vec<(K, f64, Vec<f32>)> {
+    let runs = kernels
+        .iter()
+        .map(|&kernel| {
+            choose(one, kernel).expect("kernel");
+            let secs = one
+                .time_attention(batch, cache, repeats)
+                .expect("attention");
+            (kernel, secs, one.attention_output(rows).expect("output"))
+        })
+        .collect();
+    choose(one, restore).expect("kernel");
+    runs
 }
 
 fn main() {
@@ -151,25 +189,21 @@ fn main() {
         one.randomize_attention_inputs(&bt, &cache, 5)
             .expect("random inputs");
         let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
-        let mut runs = Vec::new();
-        for &kernel in &decode_kernels {
-            one.set_decode_kernel(kernel).expect("kernel");
-            let secs = one
-                .time_attention(&bt, &cache, 20)
-                .expect("decode attention");
-            runs.push((kernel, secs, one.attention_output(seqs).expect("output")));
-        }
-        one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+        let runs = time_kernels(
+            &mut one,
+            CudaLlama::set_decode_kernel,
+            &decode_kernels,
+            DecodeKernel::Lanes,
+            &bt,
+            &cache,
+            20,
+            seqs,
+        );
         let variants: Vec<_> = runs
             .iter()
             .map(|(kernel, secs, got)| {
                 let gbps = kv_bytes / secs / 1e9;
-                let max_abs_diff = got
-                    .iter()
-                    .zip(&runs[0].2)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                let non_finite = got.iter().filter(|x| !x.is_finite()).count();
+                let (max_abs_diff, non_finite) = compare_outputs(got, &runs[0].2);
                 eprintln!(
                     "decode attention b={seqs} ctx={ctx} {kernel:?}: {:.1} us, {gbps:.0} GB/s \
                      ({:.0}% of copy), max |diff| vs default {max_abs_diff:.2e}, {non_finite} \
@@ -259,15 +293,16 @@ fn main() {
         one.randomize_attention_inputs(&bt, &cache, 7)
             .expect("random inputs");
         let rows = seqs * len;
-        let mut runs = Vec::new();
-        for &kernel in &kernels {
-            one.set_prefill_kernel(kernel).expect("kernel");
-            let secs = one
-                .time_attention(&bt, &cache, 10)
-                .expect("prefill attention");
-            runs.push((kernel, secs, one.attention_output(rows).expect("output")));
-        }
-        one.set_prefill_kernel(default_kernel).expect("kernel");
+        let runs = time_kernels(
+            &mut one,
+            CudaLlama::set_prefill_kernel,
+            &kernels,
+            default_kernel,
+            &bt,
+            &cache,
+            10,
+            rows,
+        );
         // Causal: query i of the chunk sees start + i + 1 keys; 4 * d * heads FLOPs a key.
         let flops =
             seqs as f64 * 4.0 * 128.0 * 32.0 * len as f64 * (start as f64 + len as f64 / 2.0);
@@ -275,12 +310,7 @@ fn main() {
         let variants: Vec<_> = runs
             .iter()
             .map(|(kernel, secs, got)| {
-                let max_abs_diff = got
-                    .iter()
-                    .zip(reference)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                let non_finite = got.iter().filter(|x| !x.is_finite()).count();
+                let (max_abs_diff, non_finite) = compare_outputs(got, reference);
                 eprintln!(
                     "prefill attention {seqs}x{len}@{start} {kernel:?}: {:.1} us, {:.0} TFLOP/s, \
                      max |diff| vs mma.sync {max_abs_diff:.2e}, {non_finite} non-finite",
@@ -312,20 +342,17 @@ fn main() {
         let bt = batch_in_blocks(2, 100, 300, num_blocks, block, false);
         one.randomize_attention_inputs(&bt, &cache, 11)
             .expect("random inputs");
-        let mut outputs = Vec::new();
-        for kernel in [default_kernel, PrefillKernel::MmaSync] {
-            one.set_prefill_kernel(kernel).expect("kernel");
-            one.time_attention(&bt, &cache, 1)
-                .expect("prefill attention");
-            outputs.push(one.attention_output(600).expect("output"));
-        }
-        one.set_prefill_kernel(default_kernel).expect("kernel");
-        let max_abs_diff = outputs[0]
-            .iter()
-            .zip(&outputs[1])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        let non_finite = outputs[0].iter().filter(|x| !x.is_finite()).count();
+        let runs = time_kernels(
+            &mut one,
+            CudaLlama::set_prefill_kernel,
+            &[default_kernel, PrefillKernel::MmaSync],
+            default_kernel,
+            &bt,
+            &cache,
+            1,
+            600,
+        );
+        let (max_abs_diff, non_finite) = compare_outputs(&runs[0].2, &runs[1].2);
         eprintln!(
             "prefill attention, blocks of {block}: max |diff| default vs mma.sync \
              {max_abs_diff:.2e}, {non_finite} non-finite"

@@ -205,14 +205,58 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
 // `paged_decode_reduce`.
 
+// Element offset of position `p`'s row for KV head `kvh` in a paged K or V cache. Blocks are a
+// power of two tokens in practice (`pow2`): shift and mask, not divide.
+__device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int block_size, bool pow2,
+                                               int block_shift, int kv_heads, int kvh, int D) {
+    int blk = pow2 ? p >> block_shift : p / block_size;
+    int within = pow2 ? p & (block_size - 1) : p % block_size;
+    size_t slot = (size_t)table[blk] * block_size + within;
+    return (slot * kv_heads + kvh) * D;
+}
+
+// What a decode block (item, kv_head, split) works on: the split's positions [s0, s1) of the
+// item's context, its block table, its query row and the group's query heads in it.
+struct DecodeBlock {
+    int item, kvh, split, s0, s1, num_splits, heads, row;
+    const u32* table;
+    const bf16_t* q;  // the group's first query head (its G heads follow, head_dim apart)
+    bool pow2_blocks;
+    int block_shift;
+};
+
+// The block's `DecodeBlock`; false when the split starts past the context (nothing to do).
+__device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, int head_dim,
+                                             const bf16_t* qkv, const u32* block_tables,
+                                             const int* item_rows, const int* item_ctx,
+                                             const int* item_table_off, int kv_heads,
+                                             int block_size, int split_tokens) {
+    b.item = blockIdx.x;
+    b.kvh = blockIdx.y;
+    b.split = blockIdx.z;
+    const int ctx = item_ctx[b.item];
+    b.s0 = b.split * split_tokens;
+    if (b.s0 >= ctx) return false;
+    b.s1 = min(ctx, b.s0 + split_tokens);
+    b.num_splits = (ctx + split_tokens - 1) / split_tokens;
+    b.heads = kv_heads * group_heads;
+    b.table = block_tables + item_table_off[b.item];
+    b.row = item_rows[b.item];
+    const size_t qkv_width = (size_t)(b.heads + 2 * kv_heads) * head_dim;
+    b.q = qkv + b.row * qkv_width + (size_t)b.kvh * group_heads * head_dim;
+    b.pow2_blocks = (block_size & (block_size - 1)) == 0;
+    b.block_shift = __ffs(block_size) - 1;
+    return true;
+}
+
 // The merge of NG partial softmax states per head (m, l: [NG][G]; acc: [NG][G][D] in shared
 // memory, written and synchronised by the caller): the bf16 output (one split) or the split's
 // partial result for `paged_decode_reduce`.
 template <int G, int D, int NG>
 __device__ void decode_finish(const float* sm_m, const float* sm_l, const float* sm_acc,
                               bf16_t* __restrict__ out, float* __restrict__ part_acc,
-                              float* __restrict__ part_ml, int item, int kvh, int split,
-                              int num_splits, int heads, int row, int max_splits) {
+                              float* __restrict__ part_ml, const DecodeBlock& b,
+                              int max_splits) {
     for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
         int g = idx / D, d = idx % D;
         float mx = -1e30f;
@@ -223,11 +267,11 @@ __device__ void decode_finish(const float* sm_m, const float* sm_l, const float*
             lsum += sm_l[w * G + g] * r;
             a += sm_acc[(w * G + g) * D + d] * r;
         }
-        int h = kvh * G + g;
-        if (num_splits == 1) {
-            out[(size_t)row * heads * D + (size_t)h * D + d] = f2bf(a / lsum);
+        int h = b.kvh * G + g;
+        if (b.num_splits == 1) {
+            out[(size_t)b.row * b.heads * D + (size_t)h * D + d] = f2bf(a / lsum);
         } else {
-            size_t p = ((size_t)item * heads + h) * max_splits + split;
+            size_t p = ((size_t)b.item * b.heads + h) * max_splits + b.split;
             part_acc[p * D + d] = a;
             if (d == 0) {
                 part_ml[p * 2] = mx;
@@ -242,9 +286,8 @@ __device__ void decode_finish(const float* sm_m, const float* sm_l, const float*
 template <int G, int D>
 __device__ void decode_merge(const float (&m)[G], const float (&l)[G], const float (&acc)[G][D / 16],
                              bf16_t* __restrict__ out, float* __restrict__ part_acc,
-                             float* __restrict__ part_ml, int item, int kvh, int split,
-                             int num_splits, int heads, int row, int max_splits, int lane,
-                             int group) {
+                             float* __restrict__ part_ml, const DecodeBlock& b,
+                             int max_splits, int lane, int group) {
     constexpr int DL = D / 16;
     // Merge the 8 groups.
     __shared__ float sm_m[8][G], sm_l[8][G];
@@ -261,8 +304,8 @@ __device__ void decode_merge(const float (&m)[G], const float (&l)[G], const flo
 #pragma unroll
         for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
     __syncthreads();
-    decode_finish<G, D, 8>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], out, part_acc, part_ml,
-                           item, kvh, split, num_splits, heads, row, max_splits);
+    decode_finish<G, D, 8>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], out, part_acc, part_ml, b,
+                           max_splits);
 }
 
 // One token of a decode lane group: this lane's DL dims of its K row (`kr`) and V row (`vr`)
@@ -302,37 +345,7 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
     }
 }
 
-// What a decode block (item, kv_head, split) works on: the split's positions [s0, s1) of the
-// item's context, its block table and query row.
-struct DecodeBlock {
-    int item, kvh, split, s0, s1, num_splits, heads, row;
-    const u32* table;
-    size_t qkv_width;
-};
-
-// The block's `DecodeBlock`; false when the split starts past the context (nothing to do).
-__device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, int head_dim,
-                                             const u32* block_tables, const int* item_rows,
-                                             const int* item_ctx, const int* item_table_off,
-                                             int kv_heads, int split_tokens) {
-    b.item = blockIdx.x;
-    b.kvh = blockIdx.y;
-    b.split = blockIdx.z;
-    const int ctx = item_ctx[b.item];
-    b.s0 = b.split * split_tokens;
-    if (b.s0 >= ctx) return false;
-    b.s1 = min(ctx, b.s0 + split_tokens);
-    b.num_splits = (ctx + split_tokens - 1) / split_tokens;
-    b.heads = kv_heads * group_heads;
-    b.table = block_tables + item_table_off[b.item];
-    b.row = item_rows[b.item];
-    b.qkv_width = (size_t)(b.heads + 2 * kv_heads) * head_dim;
-    return true;
-}
-
-// U tokens per group per iteration (2 * U 16-byte loads in flight per lane; 8 measured slower
-// than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
-template <int G, int D, int U>
+template <int G, int D>
 __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
                                   float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
                                   const bf16_t* __restrict__ k_cache,
@@ -343,21 +356,20 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
                                   const int* __restrict__ item_table_off, int kv_heads,
                                   int block_size, int split_tokens, int max_splits, float scale_log2) {
     constexpr int DL = D / 16;  // dims per lane
+    // U tokens per group per iteration: 2 * U 16-byte loads in flight per lane (8 measured
+    // slower than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
+    constexpr int U = 4;
     DecodeBlock b;
-    if (!decode_block(b, G, D, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
-                      split_tokens)) {
+    if (!decode_block(b, G, D, qkv, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
+                      block_size, split_tokens)) {
         return;
     }
-    const int item = b.item, kvh = b.kvh, split = b.split, s0 = b.s0, s1 = b.s1;
-    const int num_splits = b.num_splits, heads = b.heads, row = b.row;
-    const u32* table = b.table;
-    const size_t qkv_width = b.qkv_width;
     const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
 
     float q[G][DL];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-        const bf16_t* qp = qkv + row * qkv_width + (size_t)(kvh * G + g) * D + lane * DL;
+        const bf16_t* qp = b.q + (size_t)g * D + lane * DL;
 #pragma unroll
         for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
     }
@@ -371,22 +383,19 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
     }
 
     // Every lane runs the same number of iterations (the shuffles need the whole warp).
-    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
-    const int block_shift = __ffs(block_size) - 1;
-    for (int base = s0; base < s1; base += 8 * U) {
+    for (int base = b.s0; base < b.s1; base += 8 * U) {
         uint4 kraw[U], vraw[U];
         bool valid[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = base + u * 8 + group;
-            valid[u] = t < s1;
+            valid[u] = t < b.s1;
             kraw[u] = make_uint4(0, 0, 0, 0);
             vraw[u] = make_uint4(0, 0, 0, 0);
             if (valid[u]) {
-                const int blk = pow2_blocks ? t >> block_shift : t / block_size;
-                const int within = pow2_blocks ? t & (block_size - 1) : t % block_size;
-                size_t slot = (size_t)table[blk] * block_size + within;
-                size_t off = (slot * kv_heads + kvh) * D + lane * DL;
+                const size_t off = paged_kv_row(b.table, t, block_size, b.pow2_blocks,
+                                                b.block_shift, kv_heads, b.kvh, D) +
+                                   lane * DL;
                 if (DL == 8) {
                     kraw[u] = *(const uint4*)(k_cache + off);
                     vraw[u] = *(const uint4*)(v_cache + off);
@@ -406,20 +415,23 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
         }
     }
 
-    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, item, kvh, split, num_splits, heads,
-                       row, max_splits, lane, group);
+    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group);
 }
 
-#define DECODE_KERNEL(G, D)                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode_g##G##_d##D(                   \
+// A decode kernel entry `NAME` running the device function `__VA_ARGS__` (a template-id): the
+// grid (items, kv_heads, splits), 128 threads, and the arguments every decode kernel takes.
+#define DECODE_ENTRY(NAME, ...)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                       \
         bf16_t* out, float* part_acc, float* part_ml, const bf16_t* qkv, const bf16_t* k_cache,  \
         const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
         const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
         int split_tokens, int max_splits, float scale_log2) {                                     \
-        paged_decode_impl<G, D, 4>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
-                                item_rows, item_ctx, item_table_off, kv_heads, block_size,       \
-                                split_tokens, max_splits, scale_log2);                            \
+        __VA_ARGS__(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables, item_rows,      \
+                    item_ctx, item_table_off, kv_heads, block_size, split_tokens, max_splits,    \
+                    scale_log2);                                                                 \
     }
+
+#define DECODE_KERNEL(G, D) DECODE_ENTRY(paged_decode_g##G##_d##D, paged_decode_impl<G, D>)
 
 DECODE_KERNEL(1, 64)
 DECODE_KERNEL(2, 64)
@@ -515,16 +527,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16_t* row) {
                  : "r"(addr));
 }
 
-// Element offset of position `p`'s row for KV head `kvh` in a paged K or V cache. Blocks are a
-// power of two tokens in practice (`pow2`): shift and mask, not divide.
-__device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int block_size, bool pow2,
-                                               int block_shift, int kv_heads, int kvh, int D) {
-    int blk = pow2 ? p >> block_shift : p / block_size;
-    int within = pow2 ? p & (block_size - 1) : p % block_size;
-    size_t slot = (size_t)table[blk] * block_size + within;
-    return (slot * kv_heads + kvh) * D;
-}
-
 // Dims d8 .. d8 + 7 (16 bytes) of position p's K and V rows, by cp.async into dk and dv; zeros
 // for positions at or past `end`.
 __device__ __forceinline__ void cp_async_kv_chunk(bf16_t* dk, bf16_t* dv, const bf16_t* k_cache,
@@ -565,23 +567,17 @@ __device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict
     static_assert(G >= 1 && G <= 8, "the group's heads are rows 0..7 of the MMA");
     constexpr int D = 128, CH = 16, KP = D + 8, WARPS = 4;
     DecodeBlock b;
-    if (!decode_block(b, G, D, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
-                      split_tokens)) {
+    if (!decode_block(b, G, D, qkv, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
+                      block_size, split_tokens)) {
         return;
     }
-    const int item = b.item, kvh = b.kvh, split = b.split, s0 = b.s0, s1 = b.s1;
-    const int num_splits = b.num_splits, heads = b.heads, row = b.row;
-    const u32* table = b.table;
-    const size_t qkv_width = b.qkv_width;
+    const int s0 = b.s0, s1 = b.s1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bool pow2_blocks = (block_size & (block_size - 1)) == 0;
-    const int block_shift = __ffs(block_size) - 1;
 
     // Q as A fragments: row g is head kvh * G + g (rows >= G and 8..15 zero).
     u32 qf[D / 16][4];
     {
-        const u32* qrow =
-            (const u32*)(qkv + row * qkv_width + (size_t)(kvh * G + min(g, G - 1)) * D);
+        const u32* qrow = (const u32*)(b.q + (size_t)min(g, G - 1) * D);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             qf[kk][0] = g < G ? qrow[kk * 8 + t] : 0u;
@@ -605,9 +601,9 @@ __device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict
 #pragma unroll
         for (int c = lane; c < CH * D / 8; c += 32) {
             const int tok = c >> 4, d8 = (c & 15) * 8;
-            cp_async_kv_chunk(&dk[tok * KP + d8], &dv[tok * KP + d8], k_cache, v_cache, table,
-                              base + tok, s1, d8, block_size, pow2_blocks, block_shift, kv_heads,
-                              kvh, D);
+            cp_async_kv_chunk(&dk[tok * KP + d8], &dv[tok * KP + d8], k_cache, v_cache, b.table,
+                              base + tok, s1, d8, block_size, b.pow2_blocks, b.block_shift,
+                              kv_heads, b.kvh, D);
         }
         cp_async_commit();
     };
@@ -698,22 +694,12 @@ __device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict
         }
     }
     __syncthreads();
-    decode_finish<G, D, WARPS>(sm_m, sm_l, sm_acc, out, part_acc, part_ml, item, kvh, split,
-                               num_splits, heads, row, max_splits);
+    decode_finish<G, D, WARPS>(sm_m, sm_l, sm_acc, out, part_acc, part_ml, b, max_splits);
 }
 
-// paged_decode_tc_g{G}_d128: the grid and arguments of paged_decode_g{G}_d128; dynamic shared
-// memory 4 warps x 2 stages x (K, V) x 16 x 136 bf16 = 69632 bytes.
-#define DECODE_TC_KERNEL(G)                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode_tc_g##G##_d128(                \
-        bf16_t* out, float* part_acc, float* part_ml, const bf16_t* qkv, const bf16_t* k_cache,  \
-        const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
-        const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
-        int split_tokens, int max_splits, float scale_log2) {                                     \
-        paged_decode_tc_impl<G>(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables,     \
-                                item_rows, item_ctx, item_table_off, kv_heads, block_size,       \
-                                split_tokens, max_splits, scale_log2);                            \
-    }
+// paged_decode_tc_g{G}_d128: dynamic shared memory 4 warps x 2 stages x (K, V) x 16 x 136 bf16
+// = 69632 bytes.
+#define DECODE_TC_KERNEL(G) DECODE_ENTRY(paged_decode_tc_g##G##_d128, paged_decode_tc_impl<G>)
 
 #if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
 DECODE_TC_KERNEL(4)

@@ -496,6 +496,9 @@ pub struct CudaKvCache {
     num_blocks: usize,
     keys: Vec<CudaSlice<u16>>,
     values: Vec<CudaSlice<u16>>,
+    /// Each layer's K and V TMA descriptors, for the TMA prefill kernels: encoded once here,
+    /// where the blocks suit TMA boxes and head_dim is 128; empty otherwise.
+    tensor_maps: Vec<[CUtensorMap; 2]>,
 }
 
 impl CudaKvCache {
@@ -1162,11 +1165,28 @@ impl CudaLlama {
             keys.push(alloc()?);
             values.push(alloc()?);
         }
+        let mut tensor_maps = Vec::new();
+        if tma_block_size_ok(block_size) && c.head_dim == WGMMA_HEAD_DIM {
+            let num_slots = num_blocks * block_size;
+            let map = |layer: &CudaSlice<u16>| {
+                kv_tensor_map(
+                    raw_ptr(layer, &self.stream),
+                    num_slots,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    block_size,
+                )
+            };
+            for (k, v) in keys.iter().zip(&values) {
+                tensor_maps.push([map(k)?, map(v)?]);
+            }
+        }
         Ok(CudaKvCache {
             block_size,
             num_blocks,
             keys,
             values,
+            tensor_maps,
         })
     }
 
@@ -1767,7 +1787,7 @@ impl CudaLlama {
             raw_ptr(&cache.keys[layer], &self.stream),
             raw_ptr(&cache.values[layer], &self.stream),
         );
-        let (block_size, num_slots) = (cache.block_size, cache.num_blocks * cache.block_size);
+        let block_size = cache.block_size;
         let DecodeSplit {
             split_tokens,
             max_splits,
@@ -1850,13 +1870,14 @@ impl CudaLlama {
                     (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
                 }
             };
-            // TMA variants read K and V through tensor maps of the caches (host-side encoding,
-            // a microsecond each).
+            // TMA variants read K and V through the layer's tensor maps (encoded with the cache;
+            // prefill_kernel_for chose TMA only for blocks that have them).
             let maps = match kernel {
-                PrefillKernel::Wgmma(v) if v.tma => Some((
-                    kv_tensor_map(kc, num_slots, kv_heads, d, block_size)?,
-                    kv_tensor_map(vc, num_slots, kv_heads, d, block_size)?,
-                )),
+                PrefillKernel::Wgmma(v) if v.tma => {
+                    Some(cache.tensor_maps.get(layer).ok_or_else(|| {
+                        ModelError::Cuda(format!("no TMA descriptors for layer {layer}"))
+                    })?)
+                }
                 _ => None,
             };
             self.launch_smem_on(
@@ -1872,8 +1893,8 @@ impl CudaLlama {
                 &[
                     Ptr(attn),
                     Ptr(qkv),
-                    maps.as_ref().map_or(Ptr(kc), |(k, _)| Arg::TensorMap(k)),
-                    maps.as_ref().map_or(Ptr(vc), |(_, v)| Arg::TensorMap(v)),
+                    maps.map_or(Ptr(kc), |[k, _]| Arg::TensorMap(k)),
+                    maps.map_or(Ptr(vc), |[_, v]| Arg::TensorMap(v)),
                     Ptr(at(plan.tables)),
                     Ptr(at(plan.tile_seq)),
                     Ptr(at(plan.tile_q0)),
