@@ -89,8 +89,88 @@ fn time_kernels<K: Copy>(
     runs
 }
 
+/// Decode attention over split counts (`--decode-sweep`): each case under each kernel with the
+/// split the occupancy rule chooses and with 1, 2, 3, 4, 8 forced, outputs checked against the
+/// unsplit run.
+fn decode_sweep(
+    one: &mut CudaLlama,
+    kernels: &[DecodeKernel],
+    copy_gbps: f64,
+) -> serde_json::Value {
+    let cases: &[(usize, usize)] = &[
+        (64, 16),
+        (64, 128),
+        (64, 256),
+        (8, 512),
+        (8, 4096),
+        (32, 2048),
+        (64, 512),
+        (64, 2048),
+        (64, 8192),
+        (128, 512),
+        (128, 2048),
+        (256, 512),
+        (256, 2048),
+        (512, 512),
+        (512, 4096),
+    ];
+    let max_tokens = cases
+        .iter()
+        .map(|&(b, c)| b * (c + BLOCK))
+        .max()
+        .unwrap_or(0);
+    let cache = one
+        .new_cache(max_tokens / BLOCK + 64, BLOCK)
+        .expect("cache");
+    let forced: [Option<usize>; 6] = [None, Some(1), Some(2), Some(3), Some(4), Some(8)];
+    let mut rows = Vec::new();
+    for &(seqs, ctx) in cases {
+        let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
+        one.randomize_attention_inputs(&bt, &cache, 5)
+            .expect("random inputs");
+        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        for &kernel in kernels {
+            one.set_decode_kernel(kernel).expect("kernel");
+            let auto = model::cuda::decode_splits(
+                seqs * 8,
+                one.sm_count() * one.decode_blocks_per_sm(),
+                ctx,
+            );
+            let mut reference = None;
+            for splits in forced {
+                one.set_decode_splits(splits);
+                let secs = one.time_attention(&bt, &cache, 50).expect("attention");
+                let got = one.attention_output(seqs).expect("output");
+                let reference = reference.get_or_insert_with(|| got.clone());
+                let (max_abs_diff, non_finite) = compare_outputs(&got, reference);
+                let gbps = kv_bytes / secs / 1e9;
+                let label = splits.map_or(format!("auto={auto}"), |s| s.to_string());
+                eprintln!(
+                    "decode sweep b={seqs} ctx={ctx} {kernel:?} ({} blocks/SM) splits {label}: \
+                     {:.1} us, {:.0}% of copy, max |diff| vs auto {max_abs_diff:.2e}, \
+                     {non_finite} non-finite",
+                    one.decode_blocks_per_sm(),
+                    secs * 1e6,
+                    100.0 * gbps / copy_gbps
+                );
+                rows.push(
+                    json!({"batch": seqs, "ctx": ctx, "kernel": format!("{kernel:?}"),
+                                 "blocks_per_sm": one.decode_blocks_per_sm(),
+                                 "splits": splits, "auto_splits": auto, "secs": secs,
+                                 "of_copy": gbps / copy_gbps, "max_abs_diff": max_abs_diff,
+                                 "non_finite": non_finite}),
+                );
+            }
+        }
+    }
+    one.set_decode_splits(None);
+    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+    json!(rows)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let sweep_only = std::env::args().any(|a| a == "--decode-sweep");
     let mut out = serde_json::Map::new();
     let t0 = Instant::now();
 
@@ -114,6 +194,18 @@ fn main() {
     let copy_gbps = 2.0 * bytes as f64 / secs / 1e9;
     out.insert("copy_gbps".into(), json!(copy_gbps));
     eprintln!("copy bandwidth {copy_gbps:.0} GB/s");
+    if sweep_only {
+        let mut kernels = vec![DecodeKernel::Lanes];
+        if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
+            kernels.push(DecodeKernel::TensorCores);
+        }
+        out.insert(
+            "decode_sweep".into(),
+            decode_sweep(&mut one, &kernels, copy_gbps),
+        );
+        println!("{}", serde_json::Value::Object(out));
+        return;
+    }
 
     // GEMMs: out[m, n] = x[m, k] w[n, k]^T.
     let shapes = [

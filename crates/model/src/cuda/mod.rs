@@ -521,11 +521,43 @@ struct DecodeSplit {
     part_ml: u64,
 }
 
-/// The decode split over the context (tokens per split, splits at most) for enough blocks to
-/// fill `sm_count` SMs, and the scratch (grown on `stream`) for the splits' partial results.
+/// Where decode blocks run: how many can be resident at once (SMs x blocks an SM of the decode
+/// kernel), and a split count a benchmark forces instead of [`decode_splits`]'s.
+#[derive(Clone, Copy, Debug)]
+struct DecodeSlots {
+    resident_blocks: usize,
+    forced_splits: Option<usize>,
+}
+
+/// Fewest context tokens a decode split takes (a lane-kernel block reads 32 a round).
+const MIN_DECODE_SPLIT_TOKENS: usize = 128;
+
+/// How many splits each context of `max_ctx` tokens gets when `blocks` (items x KV heads) decode
+/// blocks share `resident_blocks` slots: one when the unsplit blocks' waves are at least 80%
+/// full (a split costs the reduction kernel and every block's fixed cost again: 5-15% on the
+/// H100), else the fewest splits whose waves are at least 90% as full as the best (after
+/// FlashAttention-2's rule for split-KV; `experiments/NOTES.md` has the sweep it was set by).
+pub fn decode_splits(blocks: usize, resident_blocks: usize, max_ctx: usize) -> usize {
+    if blocks == 0 || resident_blocks == 0 {
+        return 1;
+    }
+    let fill = |s: usize| {
+        let waves = (blocks * s) as f64 / resident_blocks as f64;
+        waves / waves.ceil()
+    };
+    if fill(1) >= 0.8 {
+        return 1;
+    }
+    let most = max_ctx.div_ceil(MIN_DECODE_SPLIT_TOKENS).clamp(1, 64);
+    let best = (1..=most).map(fill).fold(0.0, f64::max);
+    (1..=most).find(|&s| fill(s) >= 0.9 * best).unwrap_or(1)
+}
+
+/// The decode split over the context (tokens per split, splits at most) for the blocks to fill
+/// `slots`, and the scratch (grown on `stream`) for the splits' partial results.
 fn decode_split(
     c: &ModelConfig,
-    sm_count: usize,
+    slots: DecodeSlots,
     stream: &Arc<CudaStream>,
     plan: &AttentionPlan,
     part_acc: &mut Scratch<f32>,
@@ -533,11 +565,12 @@ fn decode_split(
 ) -> Result<DecodeSplit, ModelError> {
     let (split_tokens, max_splits) = if plan.decode_items > 0 {
         let blocks = plan.decode_items * c.num_kv_heads;
-        let want_splits = (4 * sm_count).div_ceil(blocks).max(1);
+        let splits = slots
+            .forced_splits
+            .unwrap_or_else(|| decode_splits(blocks, slots.resident_blocks, plan.decode_max_ctx));
         let split = plan
             .decode_max_ctx
-            .div_ceil(want_splits)
-            .max(256)
+            .div_ceil(splits.max(1))
             .next_multiple_of(64);
         (split, plan.decode_max_ctx.div_ceil(split))
     } else {
@@ -767,6 +800,10 @@ pub struct CudaLlama {
     sm_count: usize,
     prefill_kernel: PrefillKernel,
     decode_kernel: DecodeKernel,
+    /// Blocks of the decode kernel one SM holds at once (occupancy), for sizing the split.
+    decode_blocks_per_sm: usize,
+    /// A decode split count benchmarks force (`None`: [`decode_splits`] chooses).
+    forced_decode_splits: Option<usize>,
     hidden: Scratch<u16>,
     normed: Scratch<u16>,
     qkv_buf: Scratch<u16>,
@@ -840,7 +877,7 @@ impl CudaLlama {
         // The default wgmma variant, or one with fewer heads a block when the KV group is
         // small (a block's heads must share one KV head).
         let prefill_kernel = preferred_prefill_kernel(c, &kernels, true);
-        let model = CudaLlama {
+        let mut model = CudaLlama {
             ctx,
             stream: stream.clone(),
             gemm,
@@ -853,6 +890,8 @@ impl CudaLlama {
             sm_count,
             prefill_kernel,
             decode_kernel: DecodeKernel::Lanes,
+            decode_blocks_per_sm: 1,
+            forced_decode_splits: None,
             hidden: Scratch::new(),
             normed: Scratch::new(),
             qkv_buf: Scratch::new(),
@@ -871,6 +910,7 @@ impl CudaLlama {
             profile: std::cell::RefCell::new(None),
             config,
         };
+        model.decode_blocks_per_sm = model.decode_occupancy()?;
         Ok((model, stream))
     }
 
@@ -1116,7 +1156,48 @@ impl CudaLlama {
             }
         }
         self.decode_kernel = kernel;
+        self.decode_blocks_per_sm = self.decode_occupancy()?;
         Ok(())
+    }
+
+    /// Blocks of the current decode kernel an SM holds at once.
+    fn decode_occupancy(&self) -> Result<usize, ModelError> {
+        let c = &self.config;
+        let (f, smem_bytes) = self.decode_function(c.num_heads / c.num_kv_heads, c.head_dim);
+        let blocks = f
+            .occupancy_max_active_blocks_per_multiprocessor(128, smem_bytes as usize, None)
+            .map_err(|e| cuda_err("decode kernel occupancy", e))?;
+        Ok((blocks as usize).max(1))
+    }
+
+    /// The decode kernel for KV group `group` and `head_dim`, and its dynamic shared memory
+    /// (`set_decode_kernel` checked that the tensor-core kernel exists).
+    fn decode_function(&self, group: usize, head_dim: usize) -> (&CudaFunction, u32) {
+        match self.decode_kernel {
+            DecodeKernel::Lanes => (&self.kernels.decode[&(group, head_dim)], 0),
+            DecodeKernel::TensorCores => {
+                (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
+            }
+        }
+    }
+
+    /// Blocks of the current decode kernel an SM holds at once (what [`decode_splits`] fills).
+    pub fn decode_blocks_per_sm(&self) -> usize {
+        self.decode_blocks_per_sm
+    }
+
+    /// Forces every context into `splits` decode splits (benchmarks), or (`None`) lets the
+    /// occupancy rule of [`decode_splits`] choose.
+    pub fn set_decode_splits(&mut self, splits: Option<usize>) {
+        self.forced_decode_splits = splits.map(|s| s.max(1));
+    }
+
+    /// The decode slots of `sms` SMs.
+    fn decode_slots(&self, sms: usize) -> DecodeSlots {
+        DecodeSlots {
+            resident_blocks: sms * self.decode_blocks_per_sm,
+            forced_splits: self.forced_decode_splits,
+        }
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -1380,7 +1461,7 @@ impl CudaLlama {
         let acts = self.activations(n)?;
         let split = decode_split(
             &c,
-            self.sm_count,
+            self.decode_slots(self.sm_count),
             &stream,
             &plan,
             &mut self.part_acc,
@@ -1711,7 +1792,10 @@ impl CudaLlama {
         let part_acts = [acts, acts.rows_from(&c, rows[0])];
         let stream = self.stream.clone();
         let overlap = self.overlap.as_mut().expect("called with lanes");
-        let memory_sms = overlap.lanes[1].sm_count;
+        let memory_slots = DecodeSlots {
+            resident_blocks: overlap.lanes[1].sm_count * self.decode_blocks_per_sm,
+            forced_splits: self.forced_decode_splits,
+        };
         let mut parts = Vec::with_capacity(2);
         for (k, lane) in overlap.lanes.iter_mut().enumerate() {
             parts.push(StepRows {
@@ -1721,7 +1805,7 @@ impl CudaLlama {
                 rows: rows[k],
                 split: decode_split(
                     &c,
-                    memory_sms,
+                    memory_slots,
                     &stream,
                     &plans[k],
                     &mut lane.part_acc,
@@ -1801,14 +1885,7 @@ impl CudaLlama {
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
         if plan.decode_items > 0 && part != AttentionPart::Prefill {
-            let group = heads / kv_heads;
-            // (set_decode_kernel checked that the tensor-core kernel exists.)
-            let (f, smem_bytes) = match self.decode_kernel {
-                DecodeKernel::Lanes => (&self.kernels.decode[&(group, d)], 0),
-                DecodeKernel::TensorCores => {
-                    (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
-                }
-            };
+            let (f, smem_bytes) = self.decode_function(heads / kv_heads, d);
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
             self.launch_smem_on(
                 stream,
@@ -1935,7 +2012,7 @@ impl CudaLlama {
         let attn = self.attn.ptr(&stream, n * c.num_heads * c.head_dim)?;
         let split = decode_split(
             &c,
-            sm_count,
+            self.decode_slots(sm_count),
             &stream,
             &plan,
             &mut self.part_acc,
@@ -2131,6 +2208,36 @@ mod tests {
             start_position: start,
             block_table: table,
             logits,
+        }
+    }
+
+    /// The decode split fills the GPU's resident blocks without a second wave it does not need.
+    #[test]
+    fn decode_splits_fill_one_wave() {
+        // H100, lane kernel: 132 SMs x 4 blocks. 64 sequences x 8 KV heads nearly fill a wave.
+        assert_eq!(decode_splits(64 * 8, 528, 512), 1);
+        assert_eq!(decode_splits(64 * 8, 528, 8192), 1);
+        // Half a wave: two splits fill it.
+        assert_eq!(decode_splits(32 * 8, 528, 2048), 2);
+        // 8 sequences: 8 splits fill 97% of a wave (7 would fill 85%), if the contexts are long
+        // enough.
+        assert_eq!(decode_splits(8 * 8, 528, 4096), 8);
+        assert_eq!(decode_splits(8 * 8, 528, 200), 2);
+        // The tensor-core kernel (3 blocks an SM): 64 x 8 blocks unsplit are 1.3 waves, half
+        // the second idle; 3 splits make 3.9 waves (97% full; 2 would be 86%).
+        assert_eq!(decode_splits(64 * 8, 396, 2048), 3);
+        // Many full waves, or nothing to do: no split.
+        assert_eq!(decode_splits(4096, 528, 4096), 1);
+        assert_eq!(decode_splits(0, 528, 4096), 1);
+        // Never more splits than 128-token pieces of the context.
+        for blocks in [1, 7, 33, 100, 300] {
+            for ctx in [1, 100, 129, 1000, 9000] {
+                let s = decode_splits(blocks, 396, ctx);
+                assert!(
+                    s >= 1 && s <= ctx.div_ceil(MIN_DECODE_SPLIT_TOKENS).max(1),
+                    "{s}"
+                );
+            }
         }
     }
 
