@@ -14,7 +14,9 @@ pub trait StepModel {
     /// Bytes of K and V one token takes in this model's cache (all layers).
     fn kv_bytes_per_token(&self) -> u64;
 
-    /// Allocates the paged cache (`num_blocks` x `block_size` tokens), replacing any other.
+    /// Allocates the paged cache (`num_blocks` x `block_size` tokens), replacing any other of
+    /// another shape; one of the same shape is kept as it is (a step never reads a slot before
+    /// writing it, so what an earlier run left there does not matter).
     fn allocate_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<(), ModelError>;
 
     /// Runs one step and returns the logits of the sequences that asked for them, batch order.
@@ -89,6 +91,11 @@ impl<B: Backend> StepModel for BurnStepModel<B> {
     }
 
     fn allocate_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        let same =
+            |c: &PagedKvCache<B>| (c.num_blocks(), c.block_size()) == (num_blocks, block_size);
+        if self.cache.as_ref().is_some_and(same) {
+            return Ok(());
+        }
         self.cache = None;
         self.cache = Some(PagedKvCache::new(
             self.model.config(),
@@ -226,6 +233,11 @@ mod cuda_step {
             num_blocks: usize,
             block_size: usize,
         ) -> Result<(), ModelError> {
+            let same =
+                |c: &CudaKvCache| (c.num_blocks(), c.block_size()) == (num_blocks, block_size);
+            if self.cache.as_ref().is_some_and(same) {
+                return Ok(());
+            }
             self.cache = None;
             self.cache = Some(self.model.new_cache(num_blocks, block_size)?);
             Ok(())

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use model::fixture::{write_tiny_model, TinyModelSpec};
 use model::{
-    logits_rows, Architecture, CpuBackend, ForwardBatch, LlamaModel, ModelConfig, ModelError,
-    PagedKvCache, Sampler, SamplingParams, SequenceChunk, TextTokenizer,
+    logits_rows, Architecture, BurnStepModel, CpuBackend, ForwardBatch, LlamaModel, ModelConfig,
+    ModelError, PagedKvCache, Sampler, SamplingParams, SequenceChunk, StepModel, TextTokenizer,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -180,6 +180,47 @@ fn paged_mixed_batches_match_the_unpaged_forward() {
             }
         }
     }
+}
+
+/// A cache allocated again with the same shape is kept as it is (`--step-executor auto` probes
+/// on it first), so no step may read a slot it has not written: a prompt run over blocks that
+/// another prompt filled gives the unpaged forward's logits, mid-block and over whole blocks.
+#[test]
+fn a_kept_cache_is_never_read_before_written() {
+    let spec = TinyModelSpec::default();
+    let (_dir, model) = tiny(&spec);
+    let vocab = spec.vocab_size() as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut step_model = BurnStepModel::new(model);
+    let block = 4;
+    step_model.allocate_cache(8, block).unwrap();
+    let table: Vec<u32> = vec![5, 2, 7, 0, 3];
+    let run = |m: &mut BurnStepModel<B>, tokens: &[u32], start: usize| {
+        m.step_logits(&ForwardBatch {
+            sequences: vec![SequenceChunk {
+                tokens: tokens[start..].to_vec(),
+                start_position: start,
+                block_table: table.clone(),
+                logits: true,
+            }],
+        })
+        .unwrap()
+        .pop()
+        .unwrap()
+    };
+    // Fill every slot of the table's blocks with one prompt's K and V.
+    let first: Vec<u32> = (0..20).map(|_| rng.gen_range(3..vocab)).collect();
+    run(&mut step_model, &first, 0);
+    step_model.allocate_cache(8, block).unwrap();
+    // A shorter prompt over the same blocks, then a decode token: the stale slots past its end
+    // (in its last block and the blocks after) must not count.
+    let second: Vec<u32> = (0..11).map(|_| rng.gen_range(3..vocab)).collect();
+    let got = run(&mut step_model, &second[..10], 0);
+    let want = reference_last(step_model.model(), &second[..10]);
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+    let got = run(&mut step_model, &second, 10);
+    let want = reference_last(step_model.model(), &second);
+    assert!(max_abs_diff(&got, &want) < 1e-4);
 }
 
 #[test]
