@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     t = time.time()
     cmd = [args.binary] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)

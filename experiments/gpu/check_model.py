@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--prompt-lengths", default="5,37,100,300")
     ap.add_argument("--binary-timeout", type=int, default=200)
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     root = "/tmp/bs-models"
     os.makedirs(root, exist_ok=True)

@@ -260,6 +260,10 @@ pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
                 "mooncake+conv",
                 &gpu_dir.join("engine/run11-mooncake-conv-auto.json"),
             ),
+            (
+                "code+conv, decode split by occupancy",
+                &gpu_dir.join("engine/run12-code-conv-decode-split-auto.json"),
+            ),
         ])?,
     )
 }
