@@ -143,7 +143,8 @@ extern "C" __global__ void silu_mul(bf16_t* __restrict__ out, const bf16_t* __re
 
 // Bias add (Qwen2's q/k/v biases), RoPE on q and k (HF rotate-half layout, cos/sin rounded to
 // bf16 as transformers does), and the new K and V written to their cache slots.
-// One block per token; threads over (head, pair).
+// One block per token; each thread item is 8 rotation pairs of a q or k head (16-byte loads of
+// both halves) or 8 values of V (`head_dim` a multiple of 16).
 extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t* __restrict__ bias,
                                          const int* __restrict__ positions,
                                          const int* __restrict__ slots,
@@ -165,33 +166,51 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
         sin_s[j] = round_bf(sinf(angle));
     }
     __syncthreads();
-    // q and k heads: rotate pairs (j, j + half).
-    for (int i = threadIdx.x; i < (heads + kv_heads) * half; i += blockDim.x) {
-        int head = i / half, j = i % half;
-        int c0 = head * head_dim + j, c1 = c0 + half;
-        float x0 = bf2f(row[c0]), x1 = bf2f(row[c1]);
+    const int groups = half / 8;  // 8-pair items a head
+    const int rotations = (heads + kv_heads) * groups;
+    const int v_start = (heads + kv_heads) * head_dim;
+    for (int i = threadIdx.x; i < rotations + kv_heads * head_dim / 8; i += blockDim.x) {
+        if (i >= rotations) {
+            // v heads: bias, then copy.
+            const int e = (i - rotations) * 8;
+            Bf16x8 v;
+            v.v = *(const uint4*)(row + v_start + e);
+            if (bias != 0) {
+                Bf16x8 b;
+                b.v = *(const uint4*)(bias + v_start + e);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v.h[k] = f2bf(round_bf(bf2f(v.h[k]) + bf2f(b.h[k])));
+            }
+            *(uint4*)(v_cache + slot * kv_heads * head_dim + e) = v.v;
+            continue;
+        }
+        // q and k heads: rotate pairs (j, j + half) for j in j0 .. j0 + 7.
+        const int head = i / groups, j0 = (i % groups) * 8;
+        const int c0 = head * head_dim + j0, c1 = c0 + half;
+        Bf16x8 a, b, y0, y1;
+        a.v = *(const uint4*)(row + c0);
+        b.v = *(const uint4*)(row + c1);
         if (bias != 0) {
-            x0 = round_bf(x0 + bf2f(bias[c0]));
-            x1 = round_bf(x1 + bf2f(bias[c1]));
+            Bf16x8 ba, bb;
+            ba.v = *(const uint4*)(bias + c0);
+            bb.v = *(const uint4*)(bias + c1);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                a.h[k] = f2bf(round_bf(bf2f(a.h[k]) + bf2f(ba.h[k])));
+                b.h[k] = f2bf(round_bf(bf2f(b.h[k]) + bf2f(bb.h[k])));
+            }
         }
-        float c = cos_s[j], s = sin_s[j];
-        bf16_t y0 = f2bf(round_bf(x0 * c) + round_bf(-x1 * s));
-        bf16_t y1 = f2bf(round_bf(x1 * c) + round_bf(x0 * s));
-        if (head < heads) {
-            row[c0] = y0;
-            row[c1] = y1;
-        } else {
-            size_t base = (slot * kv_heads + (head - heads)) * head_dim;
-            k_cache[base + j] = y0;
-            k_cache[base + j + half] = y1;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float x0 = bf2f(a.h[k]), x1 = bf2f(b.h[k]);
+            float c = cos_s[j0 + k], s = sin_s[j0 + k];
+            y0.h[k] = f2bf(round_bf(x0 * c) + round_bf(-x1 * s));
+            y1.h[k] = f2bf(round_bf(x1 * c) + round_bf(x0 * s));
         }
-    }
-    // v heads: bias, then copy.
-    int v_start = (heads + kv_heads) * head_dim;
-    for (int i = threadIdx.x; i < kv_heads * head_dim; i += blockDim.x) {
-        float v = bf2f(row[v_start + i]);
-        if (bias != 0) v = round_bf(v + bf2f(bias[v_start + i]));
-        v_cache[slot * kv_heads * head_dim + i] = f2bf(v);
+        bf16_t* dst = row + c0;
+        if (head >= heads) dst = k_cache + (slot * kv_heads + (head - heads)) * head_dim + j0;
+        *(uint4*)dst = y0.v;
+        *(uint4*)(dst + half) = y1.v;
     }
 }
 

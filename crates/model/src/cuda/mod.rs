@@ -1620,7 +1620,7 @@ impl CudaLlama {
             stream,
             &self.kernels.rope_write_kv,
             (n as u32, 1, 1),
-            128,
+            256,
             &[
                 Ptr(acts.qkv),
                 Ptr(bias),
