@@ -168,6 +168,41 @@ fn decode_sweep(
     json!(rows)
 }
 
+/// A few launches of the kernels worth a look under Nsight Compute (`--profile-kernels`): the
+/// default prefill attention and the 128-key ping-pong variant at 1 x 8192 from position 0, and
+/// decode attention at 64 x 512. Run as `ncu -k regex:NAME -c 1 ... cuda_bench --profile-kernels`.
+fn profile_kernels(one: &mut CudaLlama) {
+    let cache = one.new_cache(64 * 528 / BLOCK + 600, BLOCK).expect("cache");
+    let bt = batch(1, 0, 8192, cache.num_blocks(), false);
+    one.randomize_attention_inputs(&bt, &cache, 7).expect("random inputs");
+    let k128 = PrefillKernel::Wgmma(
+        WgmmaVariant::new(2, 1, true)
+            .with_tma()
+            .with_keys_per_tile(128),
+    );
+    let mut kernels = vec![one.prefill_kernel()];
+    if one.set_prefill_kernel(k128).is_ok() {
+        kernels.push(k128);
+    }
+    let default = kernels[0];
+    for (kernel, secs, _) in time_kernels(
+        one,
+        CudaLlama::set_prefill_kernel,
+        &kernels,
+        default,
+        &bt,
+        &cache,
+        3,
+        8192,
+    ) {
+        eprintln!("prefill 1x8192@0 {kernel:?}: {:.1} us", secs * 1e6);
+    }
+    let bt = batch(64, 511, 1, cache.num_blocks(), false);
+    one.randomize_attention_inputs(&bt, &cache, 5).expect("random inputs");
+    let secs = one.time_attention(&bt, &cache, 3).expect("decode");
+    eprintln!("decode 64x512: {:.1} us", secs * 1e6);
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sweep_only = std::env::args().any(|a| a == "--decode-sweep");
@@ -178,6 +213,10 @@ fn main() {
     let mut one = CudaLlama::random(llama3_8b(1), 0, 1).expect("model");
     out.insert("startup_secs".into(), json!(t0.elapsed().as_secs_f64()));
     let stream = one.stream().clone();
+    if std::env::args().any(|a| a == "--profile-kernels") {
+        profile_kernels(&mut one);
+        return;
+    }
 
     // HBM copy bandwidth (read + write bytes over time).
     let bytes = 2usize << 30;
