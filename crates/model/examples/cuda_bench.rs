@@ -174,7 +174,8 @@ fn decode_sweep(
 fn profile_kernels(one: &mut CudaLlama) {
     let cache = one.new_cache(64 * 528 / BLOCK + 600, BLOCK).expect("cache");
     let bt = batch(1, 0, 8192, cache.num_blocks(), false);
-    one.randomize_attention_inputs(&bt, &cache, 7).expect("random inputs");
+    one.randomize_attention_inputs(&bt, &cache, 7)
+        .expect("random inputs");
     let k128 = PrefillKernel::Wgmma(
         WgmmaVariant::new(2, 1, true)
             .with_tma()
@@ -198,7 +199,8 @@ fn profile_kernels(one: &mut CudaLlama) {
         eprintln!("prefill 1x8192@0 {kernel:?}: {:.1} us", secs * 1e6);
     }
     let bt = batch(64, 511, 1, cache.num_blocks(), false);
-    one.randomize_attention_inputs(&bt, &cache, 5).expect("random inputs");
+    one.randomize_attention_inputs(&bt, &cache, 5)
+        .expect("random inputs");
     let secs = one.time_attention(&bt, &cache, 3).expect("decode");
     eprintln!("decode 64x512: {:.1} us", secs * 1e6);
 }
