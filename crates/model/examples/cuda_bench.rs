@@ -89,6 +89,28 @@ fn time_kernels<K: Copy>(
     runs
 }
 
+/// A cache with room for one decode token after `ctx - 1` cached ones for each `(seqs, ctx)`.
+fn decode_cache(one: &CudaLlama, cases: &[(usize, usize)]) -> CudaKvCache {
+    let max_tokens = cases
+        .iter()
+        .map(|&(b, c)| b * (c + BLOCK))
+        .max()
+        .unwrap_or(0);
+    one.new_cache(max_tokens / BLOCK + 64, BLOCK)
+        .expect("cache")
+}
+
+/// The decode kernels this GPU runs: the default, then (on an H100) the tensor-core one; the
+/// default is left current.
+fn decode_kernels(one: &mut CudaLlama) -> Vec<DecodeKernel> {
+    let mut kernels = vec![DecodeKernel::Lanes];
+    if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
+        kernels.push(DecodeKernel::TensorCores);
+    }
+    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+    kernels
+}
+
 /// Decode attention over split counts (`--decode-sweep`): each case under each kernel with the
 /// split the occupancy rule chooses and with 1, 2, 3, 4, 8 forced, outputs checked against the
 /// unsplit run.
@@ -114,14 +136,7 @@ fn decode_sweep(
         (512, 512),
         (512, 4096),
     ];
-    let max_tokens = cases
-        .iter()
-        .map(|&(b, c)| b * (c + BLOCK))
-        .max()
-        .unwrap_or(0);
-    let cache = one
-        .new_cache(max_tokens / BLOCK + 64, BLOCK)
-        .expect("cache");
+    let cache = decode_cache(one, cases);
     let forced: [Option<usize>; 6] = [None, Some(1), Some(2), Some(3), Some(4), Some(8)];
     let mut rows = Vec::new();
     for &(seqs, ctx) in cases {
@@ -236,10 +251,7 @@ fn main() {
     out.insert("copy_gbps".into(), json!(copy_gbps));
     eprintln!("copy bandwidth {copy_gbps:.0} GB/s");
     if sweep_only {
-        let mut kernels = vec![DecodeKernel::Lanes];
-        if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
-            kernels.push(DecodeKernel::TensorCores);
-        }
+        let kernels = decode_kernels(&mut one);
         out.insert(
             "decode_sweep".into(),
             decode_sweep(&mut one, &kernels, copy_gbps),
@@ -302,20 +314,9 @@ fn main() {
             (512, 4096),
         ]
     };
-    let max_tokens = cases
-        .iter()
-        .map(|&(b, c)| b * (c + BLOCK))
-        .max()
-        .unwrap_or(0);
-    let cache = one
-        .new_cache(max_tokens / BLOCK + 64, BLOCK)
-        .expect("cache");
+    let cache = decode_cache(&one, cases);
     // The default kernel, then (on an H100) the tensor-core one on the same inputs.
-    let mut decode_kernels = vec![DecodeKernel::Lanes];
-    if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
-        decode_kernels.push(DecodeKernel::TensorCores);
-    }
-    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+    let decode_kernels = decode_kernels(&mut one);
     let mut decode = Vec::new();
     for &(seqs, ctx) in cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
