@@ -231,6 +231,11 @@ pub fn compile_kernels(
     if all_wgmma_variants {
         options.push("-DBLENDSERVE_ALL_WGMMA_VARIANTS".into());
     }
+    // Source lines in the machine code, for Nsight Compute's per-line stall sampling
+    // (`experiments/gpu/profile_kernels.sh`).
+    if std::env::var_os("BLENDSERVE_NVRTC_LINEINFO").is_some() {
+        options.push("-lineinfo".into());
+    }
     compile_ptx_with_opts(
         KERNELS_SRC,
         CompileOptions {
