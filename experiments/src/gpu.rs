@@ -264,6 +264,10 @@ pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
                 "code+conv, decode split by occupancy",
                 &gpu_dir.join("engine/run12-code-conv-decode-split-auto.json"),
             ),
+            (
+                "mooncake+conv, session 7",
+                &gpu_dir.join("engine/run13-mooncake-conv-session7-last.json"),
+            ),
         ])?,
     )
 }
