@@ -880,8 +880,9 @@ fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<Perf
 }
 
 /// `--step-executor auto`: times a probe step at the cost model's balance point under each
-/// executor the device offers (in the cache the run then uses), keeps the fastest, and, unless `--executor` was given, prices steps with the
-/// overlap it measured (`sum` when sequential wins, else `partial:E`).
+/// executor the device offers (in the cache the run then uses), keeps the fastest, and, unless
+/// `--executor` was given, prices steps with the overlap it measured (`sum` when sequential
+/// wins, else `partial:E`).
 fn choose_step_executor(
     args: &RunArgs,
     model: &mut dyn StepModel,

@@ -1796,11 +1796,9 @@ impl CudaLlama {
         let acts = self.activations(n)?;
         let part_acts = [acts, acts.rows_from(&c, rows[0])];
         let stream = self.stream.clone();
+        let memory_sms = self.overlap.as_ref().expect("called with lanes").lanes[1].sm_count;
+        let memory_slots = self.decode_slots(memory_sms);
         let overlap = self.overlap.as_mut().expect("called with lanes");
-        let memory_slots = DecodeSlots {
-            resident_blocks: overlap.lanes[1].sm_count * self.decode_blocks_per_sm,
-            forced_splits: self.forced_decode_splits,
-        };
         let mut parts = Vec::with_capacity(2);
         for (k, lane) in overlap.lanes.iter_mut().enumerate() {
             parts.push(StepRows {
