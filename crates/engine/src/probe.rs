@@ -32,15 +32,9 @@ pub fn balanced_probe(
     block_tokens: u32,
 ) -> Option<ProbeBlend> {
     let part_secs = |cost: StepCost| sequential_step_secs(perf, cost);
+    // At most 2048 tokens: one prefill chunk of the probe.
     let prefill_tokens = (max_batch_tokens / 2).min(PROBE_MAX_PREFILL_TOKENS) as usize;
-    let mut prefill_cost = StepCost::default();
-    let mut left = prefill_tokens as u64;
-    while left > 0 {
-        let n = left.min(u64::from(PROBE_MAX_PREFILL_TOKENS));
-        prefill_cost += perf.piece_cost(0, n, true);
-        left -= n;
-    }
-    let prefill_secs = part_secs(prefill_cost);
+    let prefill_secs = part_secs(perf.piece_cost(0, prefill_tokens as u64, true));
     let one_decode = perf.piece_cost(PROBE_DECODE_CONTEXT as u64 - 1, 1, true);
     let decode_secs = |seqs: usize| {
         let mut cost = StepCost::default();

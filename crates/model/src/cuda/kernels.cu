@@ -224,14 +224,19 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
 // `paged_decode_reduce`.
 
-// Element offset of position `p`'s row for KV head `kvh` in a paged K or V cache. Blocks are a
-// power of two tokens in practice (`pow2`): shift and mask, not divide.
-__device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int block_size, bool pow2,
-                                               int block_shift, int kv_heads, int kvh, int D) {
+// Cache slot of position `p` in a paged cache with block table `table`. Blocks are a power of
+// two tokens in practice (`pow2`): shift and mask, not divide.
+__device__ __forceinline__ size_t paged_slot(const u32* table, int p, int block_size, bool pow2,
+                                             int block_shift) {
     int blk = pow2 ? p >> block_shift : p / block_size;
     int within = pow2 ? p & (block_size - 1) : p % block_size;
-    size_t slot = (size_t)table[blk] * block_size + within;
-    return (slot * kv_heads + kvh) * D;
+    return (size_t)table[blk] * block_size + within;
+}
+
+// Element offset of position `p`'s row for KV head `kvh` in a paged K or V cache.
+__device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int block_size, bool pow2,
+                                               int block_shift, int kv_heads, int kvh, int D) {
+    return (paged_slot(table, p, block_size, pow2, block_shift) * kv_heads + kvh) * D;
 }
 
 // What a decode block (item, kv_head, split) works on: the split's positions [s0, s1) of the
@@ -364,16 +369,16 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
     }
 }
 
+// The parameters of every decode kernel: of its entry (`DECODE_ENTRY`, pointers plain, R
+// empty) and of the device function the entry runs (R = __restrict__), in this order.
+#define DECODE_PARAMS(R)                                                                          \
+    bf16_t *R out, float *R part_acc, float *R part_ml, const bf16_t *R qkv,                     \
+        const bf16_t *R k_cache, const bf16_t *R v_cache, const u32 *R block_tables,             \
+        const int *R item_rows, const int *R item_ctx, const int *R item_table_off, int kv_heads, \
+        int block_size, int split_tokens, int max_splits, float scale_log2
+
 template <int G, int D>
-__device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
-                                  float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
-                                  const bf16_t* __restrict__ k_cache,
-                                  const bf16_t* __restrict__ v_cache,
-                                  const u32* __restrict__ block_tables,
-                                  const int* __restrict__ item_rows,
-                                  const int* __restrict__ item_ctx,
-                                  const int* __restrict__ item_table_off, int kv_heads,
-                                  int block_size, int split_tokens, int max_splits, float scale_log2) {
+__device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
     constexpr int DL = D / 16;  // dims per lane
     // U tokens per group per iteration: 2 * U 16-byte loads in flight per lane (8 measured
     // slower than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
@@ -440,11 +445,7 @@ __device__ void paged_decode_impl(bf16_t* __restrict__ out, float* __restrict__ 
 // A decode kernel entry `NAME` running the device function `__VA_ARGS__` (a template-id): the
 // grid (items, kv_heads, splits), 128 threads, and the arguments every decode kernel takes.
 #define DECODE_ENTRY(NAME, ...)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                       \
-        bf16_t* out, float* part_acc, float* part_ml, const bf16_t* qkv, const bf16_t* k_cache,  \
-        const bf16_t* v_cache, const u32* block_tables, const int* item_rows,                    \
-        const int* item_ctx, const int* item_table_off, int kv_heads, int block_size,            \
-        int split_tokens, int max_splits, float scale_log2) {                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(DECODE_PARAMS()) {                    \
         __VA_ARGS__(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables, item_rows,      \
                     item_ctx, item_table_off, kv_heads, block_size, split_tokens, max_splits,    \
                     scale_log2);                                                                 \
@@ -573,16 +574,7 @@ __device__ __forceinline__ void cp_async_kv_chunk(bf16_t* dk, bf16_t* dv, const 
 // by cp.async into its own shared memory (no block barrier until the merge), and keeps its own
 // online softmax; the 4 warps merge at the end like the lane groups of `paged_decode_impl`.
 template <int G>
-__device__ void paged_decode_tc_impl(bf16_t* __restrict__ out, float* __restrict__ part_acc,
-                                     float* __restrict__ part_ml, const bf16_t* __restrict__ qkv,
-                                     const bf16_t* __restrict__ k_cache,
-                                     const bf16_t* __restrict__ v_cache,
-                                     const u32* __restrict__ block_tables,
-                                     const int* __restrict__ item_rows,
-                                     const int* __restrict__ item_ctx,
-                                     const int* __restrict__ item_table_off, int kv_heads,
-                                     int block_size, int split_tokens, int max_splits,
-                                     float scale_log2) {
+__device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
     static_assert(G >= 1 && G <= 8, "the group's heads are rows 0..7 of the MMA");
     constexpr int D = 128, CH = 16, KP = D + 8, WARPS = 4;
     DecodeBlock b;
@@ -1159,9 +1151,7 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
             const int kind = op & 1, half = (op >> 1) & 1, box = op >> 2;
             const int key = k0 + box * rows;
             int slot = -rows;
-            if (key < kv_end) {
-                slot = (int)table[key >> block_shift] * block_size + (key & (block_size - 1));
-            }
+            if (key < kv_end) slot = (int)paged_slot(table, key, block_size, true, block_shift);
             tma_load_3d(dk + kind * TILE_BYTES + half * HALF_BYTES + box * rows * 128,
                         kind ? v_map : k_map, bar, half * 64, kvh, slot);
         }

@@ -3,9 +3,10 @@
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
 //! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
 //! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128, K and
-//! V brought by TMA from the caches' tensor maps; see [`PrefillKernel`]) or `mma.sync` elsewhere. By default everything runs on one CUDA stream,
-//! in order, with no host synchronisation inside a step; [`StepExecutor`] offers an overlapped
-//! executor (two nano-batches over a compute and a memory lane, see `overlap.rs`).
+//! V brought by TMA from the caches' tensor maps; see [`PrefillKernel`]) or `mma.sync`
+//! elsewhere. By default everything runs on one CUDA stream, in order, with no host
+//! synchronisation inside a step; [`StepExecutor`] offers an overlapped executor (two
+//! nano-batches over a compute and a memory lane, see `overlap.rs`).
 //!
 //! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
 //! its streams private (non-blocking, created per thread, no accessor), so mixing the two would
@@ -1167,17 +1168,18 @@ impl CudaLlama {
 
     /// Blocks of the current decode kernel an SM holds at once.
     fn decode_occupancy(&self) -> Result<usize, ModelError> {
-        let c = &self.config;
-        let (f, smem_bytes) = self.decode_function(c.num_heads / c.num_kv_heads, c.head_dim);
+        let (f, smem_bytes) = self.decode_function();
         let blocks = f
             .occupancy_max_active_blocks_per_multiprocessor(128, smem_bytes as usize, None)
             .map_err(|e| cuda_err("decode kernel occupancy", e))?;
         Ok((blocks as usize).max(1))
     }
 
-    /// The decode kernel for KV group `group` and `head_dim`, and its dynamic shared memory
-    /// (`set_decode_kernel` checked that the tensor-core kernel exists).
-    fn decode_function(&self, group: usize, head_dim: usize) -> (&CudaFunction, u32) {
+    /// The current decode kernel for this model's KV group and head_dim, and its dynamic shared
+    /// memory (`set_decode_kernel` checked that the tensor-core kernel exists).
+    fn decode_function(&self) -> (&CudaFunction, u32) {
+        let c = &self.config;
+        let (group, head_dim) = (c.num_heads / c.num_kv_heads, c.head_dim);
         match self.decode_kernel {
             DecodeKernel::Lanes => (&self.kernels.decode[&(group, head_dim)], 0),
             DecodeKernel::TensorCores => {
@@ -1888,7 +1890,7 @@ impl CudaLlama {
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
         if plan.decode_items > 0 && part != AttentionPart::Prefill {
-            let (f, smem_bytes) = self.decode_function(heads / kv_heads, d);
+            let (f, smem_bytes) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
             self.launch_smem_on(
                 stream,
