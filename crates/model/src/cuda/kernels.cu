@@ -547,6 +547,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const bf16_t* row) {
                  : "r"(addr));
 }
 
+// S = Q K^T on mma.sync for NT n-tiles of 8 keys: Q's D / 16 A fragments against the K tile at
+// `sk` ([key][KP] bf16 in shared memory). One ldmatrix.x4 brings the B fragments of two k-steps
+// (8 keys x 32 dims), a quarter of the shared loads of 32-bit reads.
+template <int NT, int D, int KP>
+__device__ __forceinline__ void mma_q_kt(float (&s)[NT][4], const u32 (&qf)[D / 16][4],
+                                         const bf16_t* sk, int lane) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk += 2) {
+            u32 b[4];
+            ldmatrix_x4(b, &sk[(n * 8 + (lane & 7)) * KP + kk * 16 + (lane >> 3) * 8]);
+            mma_bf16(s[n], qf[kk], b[0], b[1]);
+            mma_bf16(s[n], qf[kk + 1], b[2], b[3]);
+        }
+    }
+}
+
 // Dims d8 .. d8 + 7 (16 bytes) of position p's K and V rows, by cp.async into dk and dv; zeros
 // for positions at or past `end`.
 __device__ __forceinline__ void cp_async_kv_chunk(bf16_t* dk, bf16_t* dv, const bf16_t* k_cache,
@@ -632,19 +651,9 @@ __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
         const int base = s0 + (warp + i * WARPS) * CH;
         const bf16_t* sk = wsm + (i & 1) * 2 * CH * KP;
         const bf16_t* sv = sk + CH * KP;
-        // S = Q K^T: 16 x 16 (2 n-tiles of 8 tokens), 8 k-steps, two a ldmatrix.x4.
+        // S = Q K^T: 16 x 16 (2 n-tiles of 8 tokens), 8 k-steps.
         float sc[2][4];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                u32 b[4];
-                ldmatrix_x4(b, &sk[(n * 8 + (lane & 7)) * KP + kk * 16 + (lane >> 3) * 8]);
-                mma_bf16(sc[n], qf[kk], b[0], b[1]);
-                mma_bf16(sc[n], qf[kk + 1], b[2], b[3]);
-            }
-        }
+        mma_q_kt<2, D, KP>(sc, qf, sk, lane);
         // Row g's scores (c0, c1 of each n-tile), tokens past the split masked.
         float mx = m_row;
 #pragma unroll
@@ -802,19 +811,11 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
         const bf16_t* sk = smem + (tile_i & 1) * 2 * BN * KP;
         const bf16_t* sv = sk + BN * KP;
 
-        // S = Q K^T: 16 x 64 per warp, 8 n-tiles. One ldmatrix.x4 brings the B fragments of
-        // two k-steps (8 keys x 32 dims), a quarter of the shared loads of 32-bit reads.
+        // S = Q K^T: 16 x 64 per warp, 8 n-tiles.
         float s[BN / 8][4];
+        mma_q_kt<BN / 8, D, KP>(s, qf, sk, lane);
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                u32 b[4];
-                ldmatrix_x4(b, &sk[(n * 8 + (lane & 7)) * KP + kk * 16 + (lane >> 3) * 8]);
-                mma_bf16(s[n], qf[kk], b[0], b[1]);
-                mma_bf16(s[n], qf[kk + 1], b[2], b[3]);
-            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
         }
