@@ -171,6 +171,9 @@ def main():
     for a, b in zip(ours["decode_attention"], ref["decode_attention"]):
         print(f"  b={a['batch']:4d} ctx={a['ctx']:5d}: ours {a['secs']*1e6:8.1f} us {a['gbps']:5.0f} GB/s = "
               f"{a['gbps']/ref['copy_gbps']:.2f} of copy; torch SDPA {b['secs']*1e6:8.1f} us")
+        for v in a.get("variants", [])[1:]:
+            print(f"      {v['kernel']:22s} {v['secs']*1e6:8.1f} us = {v['gbps']/ref['copy_gbps']:.2f} of copy, "
+                  f"max|diff| vs default {v['max_abs_diff_vs_default']:.1e}, non-finite {v['non_finite']}")
     parts = ours.get("decode_attention_partitions", [])
     if parts:
         print("Decode attention on a green-context partition (the overlapped executor's memory lane)")

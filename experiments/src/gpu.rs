@@ -268,6 +268,14 @@ pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
                 "mooncake+conv, session 7",
                 &gpu_dir.join("engine/run13-mooncake-conv-session7-last.json"),
             ),
+            (
+                "code+conv, session 8",
+                &gpu_dir.join("engine/run14-code-conv-session8-pdl.json"),
+            ),
+            (
+                "mooncake+conv, session 8",
+                &gpu_dir.join("engine/run14-mooncake-conv-session8-pdl.json"),
+            ),
         ])?,
     )
 }

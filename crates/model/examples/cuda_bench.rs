@@ -89,6 +89,28 @@ fn time_kernels<K: Copy>(
     runs
 }
 
+/// A decode kernel and whether it is launched as a programmatic dependent.
+#[derive(Clone, Copy)]
+struct DecodeLaunch {
+    kernel: DecodeKernel,
+    dependent: bool,
+}
+
+impl std::fmt::Debug for DecodeLaunch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.kernel)?;
+        if !self.dependent {
+            write!(f, " (plain launch)")?;
+        }
+        Ok(())
+    }
+}
+
+fn choose_decode_launch(one: &mut CudaLlama, l: DecodeLaunch) -> Result<(), model::ModelError> {
+    one.set_decode_dependent_launch(l.dependent);
+    one.set_decode_kernel(l.kernel)
+}
+
 /// A cache with room for one decode token after `ctx - 1` cached ones for each `(seqs, ctx)`.
 fn decode_cache(one: &CudaLlama, cases: &[(usize, usize)]) -> CudaKvCache {
     let max_tokens = cases
@@ -100,32 +122,40 @@ fn decode_cache(one: &CudaLlama, cases: &[(usize, usize)]) -> CudaKvCache {
         .expect("cache")
 }
 
-/// The decode kernels this GPU runs: the default, then (on an H100) the tensor-core one; the
-/// default is left current.
+/// The decode kernels this GPU runs: the default, then (on an H100) the register and
+/// tensor-core ones; the default is left current.
 fn decode_kernels(one: &mut CudaLlama) -> Vec<DecodeKernel> {
     let mut kernels = vec![DecodeKernel::Lanes];
-    if one.set_decode_kernel(DecodeKernel::TensorCores).is_ok() {
-        kernels.push(DecodeKernel::TensorCores);
+    for kernel in [DecodeKernel::Registers, DecodeKernel::TensorCores] {
+        if one.set_decode_kernel(kernel).is_ok() {
+            kernels.push(kernel);
+        }
     }
     one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
     kernels
 }
 
-/// Decode attention over split counts (`--decode-sweep`): each case under each kernel with the
-/// split the occupancy rule chooses and with 1, 2, 3, 4, 8 forced, outputs checked against the
-/// unsplit run.
+/// Decode attention over split counts and occupancies (`--decode-sweep`): each case under each
+/// kernel with the split and occupancy `decode_launch_shape` chooses and with 1, 2, 3, 4, 8
+/// splits forced (the default kernel at each occupancy it may run at, the others at their
+/// own), outputs checked against the default kernel's; and a copy of each case's bytes.
 fn decode_sweep(
     one: &mut CudaLlama,
     kernels: &[DecodeKernel],
     copy_gbps: f64,
 ) -> serde_json::Value {
-    let cases: &[(usize, usize)] = &[
+    let all: &[(usize, usize)] = &[
         (64, 16),
         (64, 128),
         (64, 256),
         (8, 512),
         (8, 4096),
         (32, 2048),
+        (40, 4096),
+        (48, 2048),
+        (96, 512),
+        (96, 2048),
+        (192, 1024),
         (64, 512),
         (64, 2048),
         (64, 8192),
@@ -136,42 +166,101 @@ fn decode_sweep(
         (512, 512),
         (512, 4096),
     ];
+    // `--decode-cases 64x512,96x512`: only these.
+    let chosen: Vec<(usize, usize)> = std::env::args()
+        .skip_while(|a| a != "--decode-cases")
+        .nth(1)
+        .map(|list| {
+            list.split(',')
+                .map(|case| {
+                    let (b, c) = case.split_once('x').expect("--decode-cases BATCHxCTX,...");
+                    (b.parse().expect("batch"), c.parse().expect("context"))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| all.to_vec());
+    let cases = &chosen[..];
     let cache = decode_cache(one, cases);
-    let forced: [Option<usize>; 6] = [None, Some(1), Some(2), Some(3), Some(4), Some(8)];
     let mut rows = Vec::new();
+    // A copy moving as many bytes as each case reads (half read, half written): the yardstick
+    // with the same launch and ramp costs.
+    let kv_bytes_of = |seqs: usize, ctx: usize| seqs * ctx * 8 * 128 * 2 * 2;
+    let most = cases
+        .iter()
+        .map(|&(b, c)| kv_bytes_of(b, c) / 2)
+        .max()
+        .unwrap_or(0);
+    let stream = one.stream().clone();
+    let src = stream.alloc_zeros::<u8>(most).expect("alloc");
+    let mut dst = stream.alloc_zeros::<u8>(most).expect("alloc");
     for &(seqs, ctx) in cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
         one.randomize_attention_inputs(&bt, &cache, 5)
             .expect("random inputs");
-        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        let kv_bytes = kv_bytes_of(seqs, ctx) as f64;
+        let half = kv_bytes_of(seqs, ctx) / 2;
+        let copy_secs = one
+            .time(50, |_| {
+                stream
+                    .memcpy_dtod(&src.slice(..half), &mut dst.slice_mut(..half))
+                    .map_err(|e| model::ModelError::Cuda(format!("{e:?}")))
+            })
+            .expect("copy");
+        eprintln!(
+            "decode sweep b={seqs} ctx={ctx} copy of the same bytes: {:.1} us, {:.0}% of copy",
+            copy_secs * 1e6,
+            100.0 * kv_bytes / copy_secs / 1e9 / copy_gbps
+        );
+        rows.push(
+            json!({"batch": seqs, "ctx": ctx, "kernel": "copy", "secs": copy_secs,
+                         "of_copy": kv_bytes / copy_secs / 1e9 / copy_gbps}),
+        );
+        // Every run is compared with the first (the default kernel, its own split).
+        let mut reference = None;
         for &kernel in kernels {
             one.set_decode_kernel(kernel).expect("kernel");
-            let auto = model::cuda::decode_splits(
-                seqs * 8,
-                one.sm_count() * one.decode_blocks_per_sm(),
-                ctx,
-            );
-            let mut reference = None;
-            for splits in forced {
+            let choices = one.decode_occupancy_choices();
+            let (auto_splits, auto_blocks_per_sm) =
+                model::cuda::decode_launch_shape(seqs * 8, one.sm_count(), &choices, ctx);
+            let occupancies = if kernel == DecodeKernel::Lanes {
+                choices.clone()
+            } else {
+                choices[..1].to_vec()
+            };
+            // (splits, blocks an SM, launched as a programmatic dependent)
+            let plain = [(None, None, false)];
+            let shapes = std::iter::once((None, None, true))
+                .chain(plain.into_iter().filter(|_| kernel == DecodeKernel::Lanes))
+                .chain(
+                    occupancies
+                        .iter()
+                        .flat_map(|&k| [1, 2, 3, 4, 8].map(|s| (Some(s), Some(k), true))),
+                );
+            for (splits, blocks_per_sm, dependent) in shapes {
                 one.set_decode_splits(splits);
+                one.set_decode_blocks_per_sm(blocks_per_sm);
+                one.set_decode_dependent_launch(dependent);
                 let secs = one.time_attention(&bt, &cache, 50).expect("attention");
                 let got = one.attention_output(seqs).expect("output");
                 let reference = reference.get_or_insert_with(|| got.clone());
                 let (max_abs_diff, non_finite) = compare_outputs(&got, reference);
                 let gbps = kv_bytes / secs / 1e9;
-                let label = splits.map_or(format!("auto={auto}"), |s| s.to_string());
+                let label = match (splits, blocks_per_sm) {
+                    (Some(s), Some(k)) => format!("{k} blocks/SM, splits {s}"),
+                    _ => format!("auto: {auto_blocks_per_sm} blocks/SM, splits {auto_splits}"),
+                } + if dependent { "" } else { ", plain launch" };
                 eprintln!(
-                    "decode sweep b={seqs} ctx={ctx} {kernel:?} ({} blocks/SM) splits {label}: \
-                     {:.1} us, {:.0}% of copy, max |diff| vs auto {max_abs_diff:.2e}, \
-                     {non_finite} non-finite",
-                    one.decode_blocks_per_sm(),
+                    "decode sweep b={seqs} ctx={ctx} {kernel:?} {label}: {:.1} us, {:.0}% of \
+                     copy, max |diff| vs default {max_abs_diff:.2e}, {non_finite} non-finite",
                     secs * 1e6,
                     100.0 * gbps / copy_gbps
                 );
                 rows.push(
                     json!({"batch": seqs, "ctx": ctx, "kernel": format!("{kernel:?}"),
-                                 "blocks_per_sm": one.decode_blocks_per_sm(),
-                                 "splits": splits, "auto_splits": auto, "secs": secs,
+                                 "blocks_per_sm": blocks_per_sm, "splits": splits,
+                                 "auto_splits": auto_splits,
+                                 "auto_blocks_per_sm": auto_blocks_per_sm,
+                                 "dependent_launch": dependent, "secs": secs,
                                  "of_copy": gbps / copy_gbps, "max_abs_diff": max_abs_diff,
                                  "non_finite": non_finite}),
                 );
@@ -179,6 +268,8 @@ fn decode_sweep(
         }
     }
     one.set_decode_splits(None);
+    one.set_decode_blocks_per_sm(None);
+    one.set_decode_dependent_launch(true);
     one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
     json!(rows)
 }
@@ -315,8 +406,23 @@ fn main() {
         ]
     };
     let cache = decode_cache(&one, cases);
-    // The default kernel, then (on an H100) the tensor-core one on the same inputs.
+    // The default kernel, the same launched plainly (not as a programmatic dependent of the
+    // launch before), then (on an H100) the register and tensor-core ones, on the same inputs.
     let decode_kernels = decode_kernels(&mut one);
+    let mut launches: Vec<DecodeLaunch> = decode_kernels
+        .iter()
+        .map(|&kernel| DecodeLaunch {
+            kernel,
+            dependent: true,
+        })
+        .collect();
+    launches.insert(
+        1,
+        DecodeLaunch {
+            kernel: DecodeKernel::Lanes,
+            dependent: false,
+        },
+    );
     let mut decode = Vec::new();
     for &(seqs, ctx) in cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
@@ -325,9 +431,9 @@ fn main() {
         let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
         let runs = time_kernels(
             &mut one,
-            CudaLlama::set_decode_kernel,
-            &decode_kernels,
-            DecodeKernel::Lanes,
+            choose_decode_launch,
+            &launches,
+            launches[0],
             &bt,
             &cache,
             20,
@@ -528,16 +634,32 @@ fn main() {
         full.step_async(&bt).expect("step");
         full.model().synchronize().expect("sync");
         let reps = 5;
-        let t = Instant::now();
-        for _ in 0..reps {
-            full.step_async(&bt).expect("step");
-        }
-        full.model().synchronize().expect("sync");
-        let secs = t.elapsed().as_secs_f64() / reps as f64;
+        let time_steps = |full: &mut CudaStepModel| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                full.step_async(&bt).expect("step");
+            }
+            full.model().synchronize().expect("sync");
+            t.elapsed().as_secs_f64() / reps as f64
+        };
+        let secs = time_steps(&mut full);
         eprintln!(
             "{kind} step seqs={seqs} start={start} tokens={chunk}: {:.2} ms",
             secs * 1e3
         );
+        // The same with decode attention launched plainly (not as a programmatic dependent of
+        // the RoPE kernel before it).
+        let mut plain_secs = None;
+        if kind == "decode" {
+            full.model_mut().set_decode_dependent_launch(false);
+            let secs = time_steps(&mut full);
+            full.model_mut().set_decode_dependent_launch(true);
+            eprintln!(
+                "    decode attention launched plainly: {:.2} ms",
+                secs * 1e3
+            );
+            plain_secs = Some(secs);
+        }
         // Where the step's GPU time goes, by operation (summed over the layers).
         let profile = full.profile_step(&bt).expect("profile");
         let profiled: f64 = profile.iter().map(|(_, secs)| secs).sum();
@@ -554,7 +676,8 @@ fn main() {
             .collect();
         whole.push(
             json!({"kind": kind, "seqs": seqs, "start": start, "tokens": chunk,
-                          "layers": layers, "secs": secs, "profile_secs": profile}),
+                          "layers": layers, "secs": secs,
+                          "secs_plain_decode_launch": plain_secs, "profile_secs": profile}),
         );
     }
     out.insert("steps".into(), json!(whole));

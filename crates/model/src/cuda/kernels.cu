@@ -141,6 +141,21 @@ extern "C" __global__ void silu_mul(bf16_t* __restrict__ out, const bf16_t* __re
     }
 }
 
+// Programmatic dependent launch (compute capability 9.0): `pdl_launch_dependents` lets the
+// next kernel in the stream, if launched as a programmatic dependent, start its blocks before
+// this one ends; such a kernel calls `pdl_wait` before it reads anything this one writes (it
+// returns once this one has finished and its writes are visible). Both are no-ops otherwise.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Bias add (Qwen2's q/k/v biases), RoPE on q and k (HF rotate-half layout, cos/sin rounded to
 // bf16 as transformers does), and the new K and V written to their cache slots.
 // One block per token; each thread item is 8 rotation pairs of a q or k head (16-byte loads of
@@ -152,6 +167,8 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
                                          bf16_t* __restrict__ k_cache,
                                          bf16_t* __restrict__ v_cache, int heads, int kv_heads,
                                          int head_dim) {
+    // Decode attention (launched as a dependent) may start reading the older K and V now.
+    pdl_launch_dependents();
     int token = blockIdx.x;
     int width = (heads + 2 * kv_heads) * head_dim;
     bf16_t* row = qkv + (size_t)token * width;
@@ -220,9 +237,10 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // Block (item, kv_head, split): 128 threads = 8 groups of 16 lanes; each lane owns D/16 dims of
 // every query head of the GQA group. A group walks tokens split_start + group, + 8, ...: it
 // reads the token's K row (16 bytes per lane for D = 128), forms the G scores with a 4-step
-// shuffle reduction, and keeps an online softmax. Groups merge in shared memory; a split that
-// is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch for
-// `paged_decode_reduce`.
+// shuffle reduction, and keeps an online softmax (`paged_decode_impl` brings the rows through
+// shared memory by cp.async, the register version straight). Groups merge in shared memory; a
+// split that is the whole context writes the bf16 output, otherwise (m, l, acc) go to scratch
+// for `paged_decode_reduce`.
 
 // Cache slot of position `p` in a paged cache with block table `table`. Blocks are a power of
 // two tokens in practice (`pow2`): shift and mask, not divide.
@@ -242,12 +260,18 @@ __device__ __forceinline__ size_t paged_kv_row(const u32* table, int p, int bloc
 // What a decode block (item, kv_head, split) works on: the split's positions [s0, s1) of the
 // item's context, its block table, its query row and the group's query heads in it.
 struct DecodeBlock {
-    int item, kvh, split, s0, s1, num_splits, heads, row;
+    int item, kvh, split, ctx, s0, s1, num_splits, heads, row;
     const u32* table;
     const bf16_t* q;  // the group's first query head (its G heads follow, head_dim apart)
     bool pow2_blocks;
     int block_shift;
 };
+
+// The end of a decode block's loads: the next kernel, if a programmatic dependent (the next
+// decode launch in a benchmark's loop), may place its blocks as this one's finish. Not at the
+// start: blocks placed early sit on free slots, and the launch after gets them unevenly
+// spread over the SMs (measured: 0.75x of a plain launch at 64 x 512 with 5 blocks an SM).
+__device__ __forceinline__ void decode_launch_dependents() { pdl_launch_dependents(); }
 
 // The block's `DecodeBlock`; false when the split starts past the context (nothing to do).
 __device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, int head_dim,
@@ -258,11 +282,11 @@ __device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, in
     b.item = blockIdx.x;
     b.kvh = blockIdx.y;
     b.split = blockIdx.z;
-    const int ctx = item_ctx[b.item];
+    b.ctx = item_ctx[b.item];
     b.s0 = b.split * split_tokens;
-    if (b.s0 >= ctx) return false;
-    b.s1 = min(ctx, b.s0 + split_tokens);
-    b.num_splits = (ctx + split_tokens - 1) / split_tokens;
+    if (b.s0 >= b.ctx) return false;
+    b.s1 = min(b.ctx, b.s0 + split_tokens);
+    b.num_splits = (b.ctx + split_tokens - 1) / split_tokens;
     b.heads = kv_heads * group_heads;
     b.table = block_tables + item_table_off[b.item];
     b.row = item_rows[b.item];
@@ -305,31 +329,34 @@ __device__ void decode_finish(const float* sm_m, const float* sm_l, const float*
     }
 }
 
+// Floats of shared memory `decode_merge` takes: m, l [8][G], acc [8][G][D].
+#define DECODE_MERGE_FLOATS(G, D) (8 * (G) * ((D) + 2))
+
 // The end of a decode block: its 8 lane groups' online-softmax states (m, l, acc) merged in
-// shared memory, then the bf16 output (one split) or the split's partial result.
+// shared memory `sm` (DECODE_MERGE_FLOATS, free to overwrite), then the bf16 output (one split)
+// or the split's partial result.
 template <int G, int D>
 __device__ void decode_merge(const float (&m)[G], const float (&l)[G], const float (&acc)[G][D / 16],
                              bf16_t* __restrict__ out, float* __restrict__ part_acc,
                              float* __restrict__ part_ml, const DecodeBlock& b,
-                             int max_splits, int lane, int group) {
+                             int max_splits, int lane, int group, float* sm) {
     constexpr int DL = D / 16;
-    // Merge the 8 groups.
-    __shared__ float sm_m[8][G], sm_l[8][G];
-    __shared__ float sm_acc[8][G][D];
+    float* sm_m = sm;
+    float* sm_l = sm + 8 * G;
+    float* sm_acc = sm + 16 * G;
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-            sm_m[group][g] = m[g];
-            sm_l[group][g] = l[g];
+            sm_m[group * G + g] = m[g];
+            sm_l[group * G + g] = l[g];
         }
     }
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
-        for (int i = 0; i < DL; ++i) sm_acc[group][g][lane * DL + i] = acc[g][i];
+        for (int i = 0; i < DL; ++i) sm_acc[(group * G + g) * D + lane * DL + i] = acc[g][i];
     __syncthreads();
-    decode_finish<G, D, 8>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], out, part_acc, part_ml, b,
-                           max_splits);
+    decode_finish<G, D, 8>(sm_m, sm_l, sm_acc, out, part_acc, part_ml, b, max_splits);
 }
 
 // One token of a decode lane group: this lane's DL dims of its K row (`kr`) and V row (`vr`)
@@ -377,8 +404,11 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
         const int *R item_rows, const int *R item_ctx, const int *R item_table_off, int kv_heads, \
         int block_size, int split_tokens, int max_splits, float scale_log2
 
+// The first version of `paged_decode_impl` (benchmark variant): K and V rows loaded straight
+// into registers, U tokens a lane group at a time, so a block has no loads in flight while it
+// computes.
 template <int G, int D>
-__device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
+__device__ void paged_decode_registers_impl(DECODE_PARAMS(__restrict__)) {
     constexpr int DL = D / 16;  // dims per lane
     // U tokens per group per iteration: 2 * U 16-byte loads in flight per lane (8 measured
     // slower than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
@@ -388,6 +418,7 @@ __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
                       block_size, split_tokens)) {
         return;
     }
+    pdl_wait();  // (launched as a programmatic dependent, like `paged_decode_impl`)
     const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
 
     float q[G][DL];
@@ -439,7 +470,9 @@ __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
         }
     }
 
-    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group);
+    decode_launch_dependents();
+    __shared__ float merge_smem[DECODE_MERGE_FLOATS(G, D)];
+    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group, merge_smem);
 }
 
 // A decode kernel entry `NAME` running the device function `__VA_ARGS__` (a template-id): the
@@ -451,24 +484,9 @@ __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
                     scale_log2);                                                                 \
     }
 
-#define DECODE_KERNEL(G, D) DECODE_ENTRY(paged_decode_g##G##_d##D, paged_decode_impl<G, D>)
-
-DECODE_KERNEL(1, 64)
-DECODE_KERNEL(2, 64)
-DECODE_KERNEL(3, 64)
-DECODE_KERNEL(4, 64)
-DECODE_KERNEL(5, 64)
-DECODE_KERNEL(6, 64)
-DECODE_KERNEL(7, 64)
-DECODE_KERNEL(8, 64)
-DECODE_KERNEL(1, 128)
-DECODE_KERNEL(2, 128)
-DECODE_KERNEL(3, 128)
-DECODE_KERNEL(4, 128)
-DECODE_KERNEL(5, 128)
-DECODE_KERNEL(6, 128)
-DECODE_KERNEL(7, 128)
-DECODE_KERNEL(8, 128)
+#if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
+DECODE_ENTRY(paged_decode_registers_g4_d128, paged_decode_registers_impl<4, 128>)
+#endif
 
 // Combines the splits of items whose context spans more than one. Block (item, head), D threads.
 extern "C" __global__ void paged_decode_reduce(bf16_t* __restrict__ out,
@@ -586,6 +604,155 @@ __device__ __forceinline__ void cp_async_kv_chunk(bf16_t* dk, bf16_t* dv, const 
     cp_async16(dv, vs, bytes);
 }
 
+// 8 bytes global -> shared, asynchronous (the L1-allocating form: .cg takes only 16).
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+
+// Paged decode attention (the default kernel): the lane groups and arithmetic of the register
+// version above, K and V pieces brought by cp.async through S stages of U tokens a lane group
+// in shared memory: a step's loads go out S - 1 steps before it computes, so a block keeps
+// loads in flight while it computes. Each thread reads back only the pieces it copied itself
+// (slot [stage][u][K|V][thread]), so no barrier until the merge, which reuses the stages.
+// Measured on the H100 (NOTES.md): U = 4, S = 2 as fast as (2, 3) and faster than (4, 3),
+// (2, 2), (2, 4), (2, 6), (1, 2), (1, 3), (1, 8) (more loads in flight did not help short
+// contexts; fewer a step cost long ones). Dynamic shared memory: `decode_smem_bytes` on the
+// host.
+template <int G, int D>
+__device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
+    constexpr int U = 4, S = 2;
+    constexpr int DL = D / 16;  // dims per lane
+    constexpr int CB = DL * 2;  // bytes of a lane's piece of a row (16 or 8)
+    DecodeBlock b;
+    if (!decode_block(b, G, D, qkv, block_tables, item_rows, item_ctx, item_table_off, kv_heads,
+                      block_size, split_tokens)) {
+        return;
+    }
+    const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
+    extern __shared__ __align__(16) unsigned char decode_smem[];
+    auto piece = [&](int stage, int u, int kv) {
+        return decode_smem + (((stage * U + u) * 2 + kv) * 128 + threadIdx.x) * CB;
+    };
+    const int steps = (b.s1 - b.s0 + 8 * U - 1) / (8 * U);
+    // This lane's pieces of token `t` into slot u of `stage` (zeros past the split).
+    auto copy_token = [&](int stage, int u, int t) {
+        const bf16_t* ks = k_cache;
+        const bf16_t* vs = v_cache;
+        int bytes = 0;
+        if (t < b.s1) {
+            const size_t off = paged_kv_row(b.table, t, block_size, b.pow2_blocks, b.block_shift,
+                                            kv_heads, b.kvh, D) +
+                               lane * DL;
+            ks = k_cache + off;
+            vs = v_cache + off;
+            bytes = CB;
+        }
+        if constexpr (CB == 16) {
+            cp_async16(piece(stage, u, 0), ks, bytes);
+            cp_async16(piece(stage, u, 1), vs, bytes);
+        } else {
+            cp_async8(piece(stage, u, 0), ks, bytes);
+            cp_async8(piece(stage, u, 1), vs, bytes);
+        }
+    };
+    // The copies of `step`'s tokens but `skip`, uncommitted: one commit group a step (empty
+    // past the last), so waiting for all but S - 2 groups means the step about to compute
+    // has landed.
+    auto issue = [&](int step, int skip) {
+        if (step < steps) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int t = b.s0 + step * 8 * U + u * 8 + group;
+                if (t != skip) copy_token(step % S, u, t);
+            }
+        }
+    };
+    // As a programmatic dependent of the kernel that wrote this step's K and V (and q), the
+    // first stage goes out before that kernel is done, all but the newest position (ctx - 1,
+    // the one it wrote), which follows the wait.
+    const int newest = b.s1 == b.ctx ? b.ctx - 1 : -1;
+    issue(0, newest);
+    pdl_wait();
+    const int newest_off = newest - b.s0;
+    if (newest >= 0 && newest_off < 8 * U && newest_off % 8 == group) {
+        copy_token(0, newest_off / 8, newest);
+    }
+    cp_async_commit();
+#pragma unroll
+    for (int j = 1; j < S - 1; ++j) {
+        issue(j, -1);
+        cp_async_commit();
+    }
+
+    float q[G][DL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const bf16_t* qp = b.q + (size_t)g * D + lane * DL;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
+    }
+    float m[G], l[G], acc[G][DL];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = -1e30f;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
+    }
+
+    // Every lane runs the same number of steps (the shuffles need the whole warp).
+    for (int step = 0; step < steps; ++step) {
+        cp_async_wait<S - 2>();
+        // The slot this refills was read (into registers) in the step before.
+        issue(step + S - 1, -1);
+        cp_async_commit();
+        const int stage = step % S;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool valid = b.s0 + step * 8 * U + u * 8 + group < b.s1;
+            uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
+            if constexpr (CB == 16) {
+                kraw = *(const uint4*)piece(stage, u, 0);
+                vraw = *(const uint4*)piece(stage, u, 1);
+            } else {
+                const uint2 k2 = *(const uint2*)piece(stage, u, 0);
+                const uint2 v2 = *(const uint2*)piece(stage, u, 1);
+                kraw.x = k2.x;
+                kraw.y = k2.y;
+                vraw.x = v2.x;
+                vraw.y = v2.y;
+            }
+            decode_accumulate<G, DL>(q, (const bf16_t*)&kraw, (const bf16_t*)&vraw, valid, m, l,
+                                     acc);
+        }
+    }
+    cp_async_wait<0>();
+    decode_launch_dependents();
+    __syncthreads();  // every thread is done with the stages the merge overwrites
+    decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group,
+                       (float*)decode_smem);
+}
+
+#define DECODE_KERNEL(G, D) DECODE_ENTRY(paged_decode_g##G##_d##D, paged_decode_impl<G, D>)
+
+DECODE_KERNEL(1, 64)
+DECODE_KERNEL(2, 64)
+DECODE_KERNEL(3, 64)
+DECODE_KERNEL(4, 64)
+DECODE_KERNEL(5, 64)
+DECODE_KERNEL(6, 64)
+DECODE_KERNEL(7, 64)
+DECODE_KERNEL(8, 64)
+DECODE_KERNEL(1, 128)
+DECODE_KERNEL(2, 128)
+DECODE_KERNEL(3, 128)
+DECODE_KERNEL(4, 128)
+DECODE_KERNEL(5, 128)
+DECODE_KERNEL(6, 128)
+DECODE_KERNEL(7, 128)
+DECODE_KERNEL(8, 128)
+
 // Paged decode attention on tensor cores (head_dim 128, G <= 8 query heads a KV head): the
 // GQA group's G heads are the rows of an m16n8k16 A operand (rows G..15 zero), so a token costs
 // a few MMAs for the whole group instead of ~110 lane instructions. Block (item, kv_head,
@@ -601,6 +768,7 @@ __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
                       block_size, split_tokens)) {
         return;
     }
+    pdl_wait();  // (launched as a programmatic dependent, like `paged_decode_impl`)
     const int s0 = b.s0, s1 = b.s1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
@@ -695,6 +863,7 @@ __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
     }
     l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
     l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
+    decode_launch_dependents();
 
     // Merge the 4 warps, in the ring's shared memory once every warp is done with it (so the
     // block fits 3 to an SM): m, l [WARPS][G], then acc [WARPS][G][D].

@@ -1,12 +1,14 @@
 //! The CUDA forward pass: bf16 weights and paged KV cache in GPU memory, every GEMM through
 //! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels.cu`, compiled
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
-//! write, SiLU·up, paged decode attention (split over the context) and paged prefill attention
-//! on tensor cores: Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128, K and
-//! V brought by TMA from the caches' tensor maps; see [`PrefillKernel`]) or `mma.sync`
-//! elsewhere. By default everything runs on one CUDA stream, in order, with no host
-//! synchronisation inside a step; [`StepExecutor`] offers an overlapped executor (two
-//! nano-batches over a compute and a memory lane, see `overlap.rs`).
+//! write, SiLU·up, paged decode attention (K and V through cp.async stages, its split and
+//! occupancy chosen per launch by [`decode_launch_shape`], launched as a programmatic dependent
+//! of the RoPE kernel on compute capability 9.0) and paged prefill attention on tensor cores:
+//! Hopper warpgroup MMAs (`wgmma`, compiled for `sm_90a`, head_dim 128, K and V brought by TMA
+//! from the caches' tensor maps; see [`PrefillKernel`]) or `mma.sync` elsewhere. By default
+//! everything runs on one CUDA stream, in order, with no host synchronisation inside a step;
+//! [`StepExecutor`] offers an overlapped executor (two nano-batches over a compute and a memory
+//! lane, see `overlap.rs`).
 //!
 //! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
 //! its streams private (non-blocking, created per thread, no accessor), so mixing the two would
@@ -128,11 +130,23 @@ pub fn tma_block_size_ok(block_size: usize) -> bool {
 /// Which kernel runs decode attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DecodeKernel {
-    /// 16-lane groups, one token each, scores by FMAs and shuffles (the default).
+    /// 16-lane groups, one token each, scores by FMAs and shuffles, K and V brought through two
+    /// cp.async stages of shared memory (the default).
     Lanes,
+    /// The same lane groups with K and V loaded straight into registers, so no loads in flight
+    /// while a block computes (the first version; benchmark variant: KV group 4, head_dim 128).
+    Registers,
     /// The GQA group's heads as the rows of tensor-core MMAs (benchmark variant: compute
     /// capability 9.0, KV group 4, head_dim 128).
     TensorCores,
+}
+
+/// Dynamic shared memory of the default decode kernel: two stages of 4 tokens a lane group
+/// (128 threads x K, V x head_dim / 16 dims of bf16), or the 8 lane groups' merge (m, l and
+/// head_dim accumulators of f32 a head) if larger.
+pub fn decode_smem_bytes(group: usize, head_dim: usize) -> usize {
+    let stage_bytes = 4 * 2 * 128 * (head_dim / 16) * 2;
+    (2 * stage_bytes).max(4 * 8 * group * (head_dim + 2))
 }
 
 /// Dynamic shared memory of the tensor-core decode kernel: 4 warps x 2 stages x K, V x 16
@@ -267,6 +281,8 @@ struct Kernels {
     decode: HashMap<(usize, usize), CudaFunction>,
     /// Tensor-core decode kernels by KV group, once a benchmark asked for one.
     decode_tc: HashMap<usize, CudaFunction>,
+    /// The register decode kernel (KV group 4, head_dim 128), likewise.
+    decode_registers: Option<CudaFunction>,
     decode_reduce: CudaFunction,
     prefill: HashMap<usize, CudaFunction>,
     /// Compute capability 9.0 only (compiled for `sm_90a`): the variants of `WGMMA_PREFERENCE`,
@@ -298,7 +314,9 @@ impl Kernels {
         let mut decode = HashMap::new();
         for g in 1..=8 {
             for d in [64, 128] {
-                decode.insert((g, d), f(&format!("paged_decode_g{g}_d{d}"))?);
+                let func = f(&format!("paged_decode_g{g}_d{d}"))?;
+                allow_all_dynamic_smem(ctx, &func)?;
+                decode.insert((g, d), func);
             }
         }
         let mut prefill = HashMap::new();
@@ -324,6 +342,7 @@ impl Kernels {
             rope_write_kv: f("rope_write_kv")?,
             decode,
             decode_tc: HashMap::new(),
+            decode_registers: None,
             decode_reduce: f("paged_decode_reduce")?,
             prefill,
             prefill_wgmma,
@@ -356,15 +375,34 @@ impl Kernels {
         let func = module
             .load_function(name)
             .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
-        func.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            DECODE_TC_SMEM_BYTES as i32,
-        )
-        .map_err(|e| cuda_err("tensor-core decode kernel shared memory", e))?;
+        allow_all_dynamic_smem(ctx, &func)?;
         self.decode_tc.insert(4, func);
+        let name = "paged_decode_registers_g4_d128";
+        let func = module
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+        allow_all_dynamic_smem(ctx, &func)?;
+        self.decode_registers = Some(func);
         self.all_wgmma_module = Some(module);
         Ok(())
     }
+}
+
+/// Lets `f` take as much dynamic shared memory as a block may (decode launches pad theirs to
+/// run fewer blocks an SM).
+fn allow_all_dynamic_smem(ctx: &Arc<CudaContext>, f: &CudaFunction) -> Result<(), ModelError> {
+    use cudarc::driver::sys::{CUdevice_attribute as Dev, CUfunction_attribute as Func};
+    let optin = ctx
+        .attribute(Dev::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| cuda_err("shared memory sizes", e))?;
+    let static_bytes = f
+        .get_attribute(Func::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .map_err(|e| cuda_err("kernel attributes", e))?;
+    f.set_attribute(
+        Func::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        optin - static_bytes,
+    )
+    .map_err(|e| cuda_err("kernel shared memory", e))
 }
 
 /// The first of [`WGMMA_PREFERENCE`] that `kernels` has for this model's heads (leaving out the
@@ -523,44 +561,138 @@ impl CudaKvCache {
 struct DecodeSplit {
     split_tokens: usize,
     max_splits: usize,
+    /// Dynamic shared memory of the decode launch (sets its occupancy).
+    smem_bytes: u32,
     part_acc: u64,
     part_ml: u64,
 }
 
-/// Where decode blocks run: how many can be resident at once (SMs x blocks an SM of the decode
-/// kernel), and a split count a benchmark forces instead of [`decode_splits`]'s.
+/// An occupancy a decode launch may run at: `blocks_per_sm` resident blocks an SM, got with
+/// `smem_bytes` of dynamic shared memory (the kernel's own, or padded so that fewer fit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DecodeOccupancy {
+    blocks_per_sm: usize,
+    smem_bytes: u32,
+}
+
+/// How many occupancies a decode launch chooses from: the kernel's own and up to two lower.
+const DECODE_OCCUPANCIES: usize = 3;
+
+/// Where decode blocks run: `sms` SMs at one of `occupancies` (the kernel's own first; an
+/// entry of 0 blocks is none), and the split count and occupancy a benchmark forces instead of
+/// [`decode_launch_shape`]'s.
 #[derive(Clone, Copy, Debug)]
 struct DecodeSlots {
-    resident_blocks: usize,
+    sms: usize,
+    occupancies: [DecodeOccupancy; DECODE_OCCUPANCIES],
     forced_splits: Option<usize>,
+    forced_blocks_per_sm: Option<usize>,
 }
 
-/// Fewest context tokens a decode split takes (a lane-kernel block reads 32 a round).
+impl DecodeSlots {
+    /// The splits and occupancy of a launch of `blocks` blocks over contexts of up to
+    /// `max_ctx` tokens.
+    fn shape(&self, blocks: usize, max_ctx: usize) -> (usize, DecodeOccupancy) {
+        let allowed: Vec<DecodeOccupancy> = self
+            .occupancies
+            .iter()
+            .copied()
+            .filter(|o| o.blocks_per_sm > 0)
+            .filter(|o| {
+                self.forced_blocks_per_sm
+                    .is_none_or(|k| o.blocks_per_sm == k)
+            })
+            .collect();
+        let most = allowed.first().copied().unwrap_or(self.occupancies[0]);
+        if let Some(splits) = self.forced_splits {
+            return (splits, most);
+        }
+        let per_sm: Vec<usize> = allowed.iter().map(|o| o.blocks_per_sm).collect();
+        let (splits, k) = decode_launch_shape(blocks, self.sms, &per_sm, max_ctx);
+        let occupancy = allowed
+            .into_iter()
+            .find(|o| o.blocks_per_sm == k)
+            .unwrap_or(most);
+        (splits, occupancy)
+    }
+}
+
+/// Fewest context tokens a decode split takes (a lane-kernel block reads 32 a step).
 const MIN_DECODE_SPLIT_TOKENS: usize = 128;
 
-/// How many splits each context of `max_ctx` tokens gets when `blocks` (items x KV heads) decode
-/// blocks share `resident_blocks` slots: one when the unsplit blocks' waves are at least 80%
-/// full (a split costs the reduction kernel and every block's fixed cost again: 5-15% on the
-/// H100), else the fewest splits whose waves are at least 90% as full as the best (after
-/// FlashAttention-2's rule for split-KV; `experiments/NOTES.md` has the sweep it was set by).
-pub fn decode_splits(blocks: usize, resident_blocks: usize, max_ctx: usize) -> usize {
-    if blocks == 0 || resident_blocks == 0 {
-        return 1;
-    }
-    let fill = |s: usize| {
-        let waves = (blocks * s) as f64 / resident_blocks as f64;
-        waves / waves.ceil()
-    };
-    if fill(1) >= 0.8 {
-        return 1;
-    }
-    let most = max_ctx.div_ceil(MIN_DECODE_SPLIT_TOKENS).clamp(1, 64);
-    let best = (1..=most).map(fill).fold(0.0, f64::max);
-    (1..=most).find(|&s| fill(s) >= 0.9 * best).unwrap_or(1)
+/// Decode blocks an SM, on average, that keep enough loads in flight to pull the HBM
+/// bandwidth (H100, `experiments/NOTES.md`: 2.9 an SM unsplit ran as fast as any split, 2.4
+/// an SM ran at 0.75x of 2 splits).
+const DECODE_MIN_BLOCKS_PER_SM: f64 = 2.5;
+
+/// What a split costs a decode launch, as a fraction of its time (the reduction kernel, the
+/// partial results and the blocks' fixed costs again: 5-15% on the H100 where the blocks fit
+/// either way, NOTES.md).
+const DECODE_SPLIT_COST: f64 = 0.1;
+
+/// How full the waves of `blocks` blocks on `resident_blocks` slots are on average (the last
+/// one partly idle). A partial single wave counts as partly idle too: launched as a
+/// programmatic dependent, the next launch's blocks take the free slots early and end up
+/// spread unevenly (H100: 64 x 512 at 5 blocks an SM, 148 slots free, ran at 0.77x of copy
+/// against 0.87x at 4 an SM, 16 free; NOTES.md).
+fn wave_fill(blocks: usize, resident_blocks: usize) -> f64 {
+    let waves = blocks as f64 / resident_blocks as f64;
+    waves / waves.ceil()
 }
 
-/// The decode split over the context (tokens per split, splits at most) for the blocks to fill
-/// `slots`, and the scratch (grown on `stream`) for the splits' partial results.
+/// The (splits, blocks an SM) of a decode launch of `blocks` blocks (items x KV heads) over
+/// contexts of up to `max_ctx` tokens on `sms` SMs, the kernel able to run at any of
+/// `blocks_per_sm` (its occupancy, and lower ones by padding its shared memory). A split
+/// count at most one per 128 context tokens; among the shapes with enough blocks in flight
+/// (`DECODE_MIN_BLOCKS_PER_SM` an SM), the best wave fill less `DECODE_SPLIT_COST` if split
+/// (more waves fill better but cost as much), then within 3% of that the fewest splits, then
+/// the most blocks an SM; with no shape that has enough blocks, the one with the most.
+/// Measured on the H100 (NOTES.md, `cuda_bench --decode-sweep`): 96 items x 8 KV heads run
+/// best as 1.94 waves of 3 blocks an SM rather than 1.45 of 4 or 1.16 of 5; 64 items as one
+/// wave of 4 an SM; 32 items split in two.
+pub fn decode_launch_shape(
+    blocks: usize,
+    sms: usize,
+    blocks_per_sm: &[usize],
+    max_ctx: usize,
+) -> (usize, usize) {
+    let first = blocks_per_sm.first().copied().unwrap_or(1);
+    if blocks == 0 || sms == 0 {
+        return (1, first);
+    }
+    let most_splits = max_ctx.div_ceil(MIN_DECODE_SPLIT_TOKENS).clamp(1, 64);
+    let wanted = (DECODE_MIN_BLOCKS_PER_SM * sms as f64).ceil() as usize;
+    // (splits, blocks an SM, blocks in flight at once, wave fill less the split's cost)
+    let shapes: Vec<(usize, usize, usize, f64)> = blocks_per_sm
+        .iter()
+        .filter(|&&k| k > 0)
+        .flat_map(|&k| {
+            (1..=most_splits).map(move |s| {
+                let n = blocks * s;
+                let cost = if s > 1 { 1.0 - DECODE_SPLIT_COST } else { 1.0 };
+                (s, k, n.min(sms * k), cost * wave_fill(n, sms * k))
+            })
+        })
+        .collect();
+    let enough: Vec<_> = shapes.iter().filter(|x| x.2 >= wanted).collect();
+    let pick = if enough.is_empty() {
+        let most = shapes.iter().map(|x| x.2).max().unwrap_or(0);
+        shapes
+            .iter()
+            .filter(|x| x.2 == most)
+            .min_by_key(|x| (x.0, std::cmp::Reverse(x.1)))
+    } else {
+        let best = enough.iter().map(|x| x.3).fold(0.0, f64::max);
+        enough
+            .into_iter()
+            .filter(|x| x.3 >= best - 0.03)
+            .min_by_key(|x| (x.0, std::cmp::Reverse(x.1)))
+    };
+    pick.map_or((1, first), |x| (x.0, x.1))
+}
+
+/// The decode split over the context (tokens per split, splits at most) and occupancy for the
+/// blocks to fill `slots`, and the scratch (grown on `stream`) for the splits' partial results.
 fn decode_split(
     c: &ModelConfig,
     slots: DecodeSlots,
@@ -569,23 +701,22 @@ fn decode_split(
     part_acc: &mut Scratch<f32>,
     part_ml: &mut Scratch<f32>,
 ) -> Result<DecodeSplit, ModelError> {
-    let (split_tokens, max_splits) = if plan.decode_items > 0 {
+    let (split_tokens, max_splits, occupancy) = if plan.decode_items > 0 {
         let blocks = plan.decode_items * c.num_kv_heads;
-        let splits = slots
-            .forced_splits
-            .unwrap_or_else(|| decode_splits(blocks, slots.resident_blocks, plan.decode_max_ctx));
+        let (splits, occupancy) = slots.shape(blocks, plan.decode_max_ctx);
         let split = plan
             .decode_max_ctx
             .div_ceil(splits.max(1))
             .next_multiple_of(64);
-        (split, plan.decode_max_ctx.div_ceil(split))
+        (split, plan.decode_max_ctx.div_ceil(split), occupancy)
     } else {
-        (256, 1)
+        (256, 1, slots.occupancies[0])
     };
     let entries = plan.decode_items * c.num_heads * max_splits;
     Ok(DecodeSplit {
         split_tokens,
         max_splits,
+        smem_bytes: occupancy.smem_bytes,
         part_acc: part_acc.ptr(stream, entries * c.head_dim)?,
         part_ml: part_ml.ptr(stream, entries * 2)?,
     })
@@ -806,10 +937,15 @@ pub struct CudaLlama {
     sm_count: usize,
     prefill_kernel: PrefillKernel,
     decode_kernel: DecodeKernel,
-    /// Blocks of the decode kernel one SM holds at once (occupancy), for sizing the split.
-    decode_blocks_per_sm: usize,
-    /// A decode split count benchmarks force (`None`: [`decode_splits`] chooses).
+    /// The occupancies the decode kernel may run at (its own first), for sizing the split.
+    decode_occupancies: [DecodeOccupancy; DECODE_OCCUPANCIES],
+    /// A decode split count and occupancy benchmarks force (`None`: [`decode_launch_shape`]
+    /// chooses).
     forced_decode_splits: Option<usize>,
+    forced_decode_blocks_per_sm: Option<usize>,
+    /// Decode attention launched as a programmatic dependent of the kernel before it
+    /// (compute capability 9.0 and newer, unless a benchmark turns it off).
+    decode_dependent_launch: bool,
     hidden: Scratch<u16>,
     normed: Scratch<u16>,
     qkv_buf: Scratch<u16>,
@@ -867,6 +1003,7 @@ impl CudaLlama {
             .new_stream()
             .map_err(|e| cuda_err("creating a stream", e))?;
         let kernels = Kernels::compile(&ctx)?;
+        let kernels_cc_major = kernels.compute_capability.0;
         let gemm = Gemm::new(stream.clone())?;
         let sm_count = ctx
             .attribute(
@@ -896,8 +1033,10 @@ impl CudaLlama {
             sm_count,
             prefill_kernel,
             decode_kernel: DecodeKernel::Lanes,
-            decode_blocks_per_sm: 1,
+            decode_occupancies: [DecodeOccupancy::default(); DECODE_OCCUPANCIES],
             forced_decode_splits: None,
+            forced_decode_blocks_per_sm: None,
+            decode_dependent_launch: kernels_cc_major >= 9,
             hidden: Scratch::new(),
             normed: Scratch::new(),
             qkv_buf: Scratch::new(),
@@ -916,7 +1055,7 @@ impl CudaLlama {
             profile: std::cell::RefCell::new(None),
             config,
         };
-        model.decode_blocks_per_sm = model.decode_occupancy()?;
+        model.decode_occupancies = model.decode_occupancies()?;
         Ok((model, stream))
     }
 
@@ -1150,29 +1289,74 @@ impl CudaLlama {
     /// Chooses the decode attention kernel (benchmarks compare them); an error if this GPU,
     /// KV group or head size has no such kernel.
     pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) -> Result<(), ModelError> {
-        if kernel == DecodeKernel::TensorCores {
+        if kernel != DecodeKernel::Lanes {
             self.kernels.load_all_wgmma_variants(&self.ctx)?;
             let c = &self.config;
             let group = c.num_heads / c.num_kv_heads;
-            if c.head_dim != 128 || !self.kernels.decode_tc.contains_key(&group) {
+            let present = match kernel {
+                DecodeKernel::Lanes => true,
+                DecodeKernel::Registers => group == 4 && self.kernels.decode_registers.is_some(),
+                DecodeKernel::TensorCores => self.kernels.decode_tc.contains_key(&group),
+            };
+            if c.head_dim != 128 || !present {
                 return Err(ModelError::Cuda(format!(
-                    "no tensor-core decode kernel for KV group {group} and head_dim {}",
+                    "no {kernel:?} decode kernel for KV group {group} and head_dim {}",
                     c.head_dim
                 )));
             }
         }
         self.decode_kernel = kernel;
-        self.decode_blocks_per_sm = self.decode_occupancy()?;
+        self.decode_occupancies = self.decode_occupancies()?;
         Ok(())
     }
 
-    /// Blocks of the current decode kernel an SM holds at once.
-    fn decode_occupancy(&self) -> Result<usize, ModelError> {
+    /// The occupancies the current decode kernel may run at: as many blocks an SM as fit with
+    /// its own shared memory, then one and two fewer with the dynamic shared memory padded to
+    /// an SM's share (from the driver's sizes, checked by its occupancy calculator).
+    fn decode_occupancies(&self) -> Result<[DecodeOccupancy; DECODE_OCCUPANCIES], ModelError> {
+        use cudarc::driver::sys::{CUdevice_attribute as Dev, CUfunction_attribute as Func};
         let (f, smem_bytes) = self.decode_function();
-        let blocks = f
-            .occupancy_max_active_blocks_per_multiprocessor(128, smem_bytes as usize, None)
-            .map_err(|e| cuda_err("decode kernel occupancy", e))?;
-        Ok((blocks as usize).max(1))
+        let occupancy = |smem: u32| {
+            f.occupancy_max_active_blocks_per_multiprocessor(128, smem as usize, None)
+                .map(|b| b as usize)
+                .map_err(|e| cuda_err("decode kernel occupancy", e))
+        };
+        let device = |a| {
+            self.ctx
+                .attribute(a)
+                .map(|v| v.max(0) as usize)
+                .map_err(|e| cuda_err("shared memory sizes", e))
+        };
+        let function = |a| {
+            f.get_attribute(a)
+                .map(|v| v.max(0) as usize)
+                .map_err(|e| cuda_err("decode kernel attributes", e))
+        };
+        let per_sm = device(Dev::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
+        let reserved = device(Dev::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)?;
+        let static_bytes = function(Func::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let max_dynamic = function(Func::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)?;
+        let most = occupancy(smem_bytes)?.max(1);
+        let mut out = [DecodeOccupancy::default(); DECODE_OCCUPANCIES];
+        out[0] = DecodeOccupancy {
+            blocks_per_sm: most,
+            smem_bytes,
+        };
+        let mut n = 1;
+        for k in (most.saturating_sub(DECODE_OCCUPANCIES - 1).max(1)..most).rev() {
+            let padded = (per_sm / k).saturating_sub(reserved + static_bytes);
+            if padded > smem_bytes as usize
+                && padded <= max_dynamic
+                && occupancy(padded as u32)? == k
+            {
+                out[n] = DecodeOccupancy {
+                    blocks_per_sm: k,
+                    smem_bytes: padded as u32,
+                };
+                n += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// The current decode kernel for this model's KV group and head_dim, and its dynamic shared
@@ -1181,29 +1365,62 @@ impl CudaLlama {
         let c = &self.config;
         let (group, head_dim) = (c.num_heads / c.num_kv_heads, c.head_dim);
         match self.decode_kernel {
-            DecodeKernel::Lanes => (&self.kernels.decode[&(group, head_dim)], 0),
+            DecodeKernel::Lanes => (
+                &self.kernels.decode[&(group, head_dim)],
+                decode_smem_bytes(group, head_dim) as u32,
+            ),
+            DecodeKernel::Registers => (
+                self.kernels
+                    .decode_registers
+                    .as_ref()
+                    .expect("set_decode_kernel checked"),
+                0,
+            ),
             DecodeKernel::TensorCores => {
                 (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
             }
         }
     }
 
-    /// Blocks of the current decode kernel an SM holds at once (what [`decode_splits`] fills).
+    /// Blocks of the current decode kernel an SM holds at once with its own shared memory.
     pub fn decode_blocks_per_sm(&self) -> usize {
-        self.decode_blocks_per_sm
+        self.decode_occupancies[0].blocks_per_sm
     }
 
-    /// Forces every context into `splits` decode splits (benchmarks), or (`None`) lets the
-    /// occupancy rule of [`decode_splits`] choose.
+    /// The blocks an SM the current decode kernel may run at (its own, then lower ones).
+    pub fn decode_occupancy_choices(&self) -> Vec<usize> {
+        self.decode_occupancies
+            .iter()
+            .map(|o| o.blocks_per_sm)
+            .filter(|&k| k > 0)
+            .collect()
+    }
+
+    /// Forces every context into `splits` decode splits (benchmarks), or (`None`) lets
+    /// [`decode_launch_shape`] choose; without a forced occupancy, at the kernel's own.
     pub fn set_decode_splits(&mut self, splits: Option<usize>) {
         self.forced_decode_splits = splits.map(|s| s.max(1));
+    }
+
+    /// Launches decode attention as a programmatic dependent of the kernel before it (the
+    /// default on compute capability 9.0 and newer), or plainly (benchmarks compare).
+    pub fn set_decode_dependent_launch(&mut self, dependent: bool) {
+        self.decode_dependent_launch = dependent && self.kernels.compute_capability.0 >= 9;
+    }
+
+    /// Forces decode launches to `blocks_per_sm` of [`CudaLlama::decode_occupancy_choices`]
+    /// (benchmarks), or (`None`) lets [`decode_launch_shape`] choose.
+    pub fn set_decode_blocks_per_sm(&mut self, blocks_per_sm: Option<usize>) {
+        self.forced_decode_blocks_per_sm = blocks_per_sm;
     }
 
     /// The decode slots of `sms` SMs.
     fn decode_slots(&self, sms: usize) -> DecodeSlots {
         DecodeSlots {
-            resident_blocks: sms * self.decode_blocks_per_sm,
+            sms,
+            occupancies: self.decode_occupancies,
             forced_splits: self.forced_decode_splits,
+            forced_blocks_per_sm: self.forced_decode_blocks_per_sm,
         }
     }
 
@@ -1389,6 +1606,24 @@ impl CudaLlama {
         args: &[Arg],
         what: &str,
     ) -> Result<(), ModelError> {
+        self.launch_kernel(stream, f, grid, block, shared_mem_bytes, args, what, false)
+    }
+
+    /// Launches `f` on `stream` with `args`; with `dependent`, as a programmatic dependent of
+    /// the kernel before it in the stream (compute capability 9.0: its blocks may start while
+    /// that kernel's last ones run, and must `pdl_wait` before reading what it wrote).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_kernel(
+        &self,
+        stream: CUstream,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_mem_bytes: u32,
+        args: &[Arg],
+        what: &str,
+        dependent: bool,
+    ) -> Result<(), ModelError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -1415,16 +1650,48 @@ impl CudaLlama {
             .collect();
         // SAFETY: the argument list matches the kernel's signature in kernels.cu (checked by the
         // device tests); the slots and maps outlive the call, which copies them.
+        if !dependent {
+            return unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    shared_mem_bytes,
+                    stream,
+                    &mut params,
+                )
+            }
+            .map_err(|e| cuda_err(what, e));
+        }
+        use cudarc::driver::sys;
+        // SAFETY: a zeroed attribute is a valid value of the C struct; the id and the union
+        // member set below are the programmatic-serialisation pair.
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_mem_bytes,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: as above; `config` and `attribute` outlive the call.
         unsafe {
-            cudarc::driver::result::launch_kernel(
+            sys::cuLaunchKernelEx(
+                &config,
                 f.cu_function(),
-                grid,
-                (block, 1, 1),
-                shared_mem_bytes,
-                stream,
-                &mut params,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
             )
         }
+        .result()
         .map_err(|e| cuda_err(what, e))
     }
 
@@ -1880,6 +2147,7 @@ impl CudaLlama {
         let DecodeSplit {
             split_tokens,
             max_splits,
+            smem_bytes,
             part_acc,
             part_ml,
         } = *split;
@@ -1890,9 +2158,9 @@ impl CudaLlama {
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
         if plan.decode_items > 0 && part != AttentionPart::Prefill {
-            let (f, smem_bytes) = self.decode_function();
+            let (f, _) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
-            self.launch_smem_on(
+            self.launch_kernel(
                 stream,
                 f,
                 (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
@@ -1916,6 +2184,7 @@ impl CudaLlama {
                     F32(scale_log2),
                 ],
                 "paged decode attention",
+                self.decode_dependent_launch,
             )?;
             if max_splits > 1 {
                 self.launch_on(
@@ -2216,32 +2485,44 @@ mod tests {
         }
     }
 
-    /// The decode split fills the GPU's resident blocks without a second wave it does not need.
+    /// A decode launch keeps enough blocks in flight and fills its waves, splitting as little
+    /// as it can (the cases of the H100 sweep in NOTES.md).
     #[test]
-    fn decode_splits_fill_one_wave() {
-        // H100, lane kernel: 132 SMs x 4 blocks. 64 sequences x 8 KV heads nearly fill a wave.
-        assert_eq!(decode_splits(64 * 8, 528, 512), 1);
-        assert_eq!(decode_splits(64 * 8, 528, 8192), 1);
-        // Half a wave: two splits fill it.
-        assert_eq!(decode_splits(32 * 8, 528, 2048), 2);
-        // 8 sequences: 8 splits fill 97% of a wave (7 would fill 85%), if the contexts are long
-        // enough.
-        assert_eq!(decode_splits(8 * 8, 528, 4096), 8);
-        assert_eq!(decode_splits(8 * 8, 528, 200), 2);
-        // The tensor-core kernel (3 blocks an SM): 64 x 8 blocks unsplit are 1.3 waves, half
-        // the second idle; 3 splits make 3.9 waves (97% full; 2 would be 86%).
-        assert_eq!(decode_splits(64 * 8, 396, 2048), 3);
-        // Many full waves, or nothing to do: no split.
-        assert_eq!(decode_splits(4096, 528, 4096), 1);
-        assert_eq!(decode_splits(0, 528, 4096), 1);
-        // Never more splits than 128-token pieces of the context.
-        for blocks in [1, 7, 33, 100, 300] {
+    fn decode_launch_shape_fills_waves_with_few_splits() {
+        // H100: 132 SMs; the lane kernel at 5, 4 or 3 blocks an SM.
+        let lanes = [5, 4, 3];
+        let shape = |items: usize, ctx: usize| decode_launch_shape(items * 8, 132, &lanes, ctx);
+        // 64 items x 8 KV heads fill a wave of 4 an SM (97%): no split.
+        assert_eq!(shape(64, 512), (1, 4));
+        assert_eq!(shape(64, 8192), (1, 4));
+        // 48 items are 2.9 blocks an SM: enough unsplit, a wave of 3 an SM.
+        assert_eq!(shape(48, 2048), (1, 3));
+        // 40 and 32 items are too few unsplit: two splits fill a wave.
+        assert_eq!(shape(40, 4096), (2, 5));
+        assert_eq!(shape(32, 2048), (2, 4));
+        // 96 items: 1.94 waves of 3 an SM (4 an SM would be 1.45 waves).
+        assert_eq!(shape(96, 512), (1, 3));
+        // 128 items: 1.94 waves of 4 an SM; 512 items 7.8 waves, not split for waves a bit
+        // fuller.
+        assert_eq!(shape(128, 2048), (1, 4));
+        assert_eq!(shape(512, 4096), (1, 4));
+        // 8 items: six splits bring 384 blocks (2.9 an SM), if the contexts are long enough;
+        // else as many as 128-token pieces allow.
+        assert_eq!(shape(8, 4096), (6, 3));
+        assert_eq!(shape(8, 200), (2, 5));
+        assert_eq!(shape(0, 4096), (1, 5));
+        // The tensor-core kernel (3 an SM, or 2, 1): 2 an SM is too few blocks in flight, so
+        // 64 items take 3 splits, 3.9 waves of 3 an SM.
+        assert_eq!(decode_launch_shape(64 * 8, 132, &[3, 2, 1], 2048), (3, 3));
+        // Never more splits than 128-token pieces of the context; an occupancy offered.
+        for blocks in [1, 7, 33, 100, 300, 5000] {
             for ctx in [1, 100, 129, 1000, 9000] {
-                let s = decode_splits(blocks, 396, ctx);
+                let (s, k) = decode_launch_shape(blocks, 132, &lanes, ctx);
                 assert!(
                     s >= 1 && s <= ctx.div_ceil(MIN_DECODE_SPLIT_TOKENS).max(1),
                     "{s}"
                 );
+                assert!(lanes.contains(&k), "{k}");
             }
         }
     }
