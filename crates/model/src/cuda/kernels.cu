@@ -267,10 +267,11 @@ struct DecodeBlock {
     int block_shift;
 };
 
-// The end of a decode block's loads: the next kernel, if a programmatic dependent (the next
-// decode launch in a benchmark's loop), may place its blocks as this one's finish. Not at the
-// start: blocks placed early sit on free slots, and the launch after gets them unevenly
-// spread over the SMs (measured: 0.75x of a plain launch at 64 x 512 with 5 blocks an SM).
+// A decode kernel's first act: the next launch, if a programmatic dependent, may place its
+// blocks now. In a step nothing after decode attention is one (the reduction and the output
+// projection are plain launches); in a benchmark's loop of decode launches this makes each
+// launch precede the next as `rope_write_kv` precedes decode attention in a step (it also
+// triggers at its top), so the loop times the kernel as a step runs it.
 __device__ __forceinline__ void decode_launch_dependents() { pdl_launch_dependents(); }
 
 // The block's `DecodeBlock`; false when the split starts past the context (nothing to do).
@@ -409,6 +410,7 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
 // computes.
 template <int G, int D>
 __device__ void paged_decode_registers_impl(DECODE_PARAMS(__restrict__)) {
+    decode_launch_dependents();
     constexpr int DL = D / 16;  // dims per lane
     // U tokens per group per iteration: 2 * U 16-byte loads in flight per lane (8 measured
     // slower than 4 on the H100: 156 registers, 3 blocks an SM instead of 4).
@@ -470,7 +472,6 @@ __device__ void paged_decode_registers_impl(DECODE_PARAMS(__restrict__)) {
         }
     }
 
-    decode_launch_dependents();
     __shared__ float merge_smem[DECODE_MERGE_FLOATS(G, D)];
     decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group, merge_smem);
 }
@@ -621,6 +622,7 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_by
 // host.
 template <int G, int D>
 __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
+    decode_launch_dependents();
     constexpr int U = 4, S = 2;
     constexpr int DL = D / 16;  // dims per lane
     constexpr int CB = DL * 2;  // bytes of a lane's piece of a row (16 or 8)
@@ -728,7 +730,6 @@ __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
         }
     }
     cp_async_wait<0>();
-    decode_launch_dependents();
     __syncthreads();  // every thread is done with the stages the merge overwrites
     decode_merge<G, D>(m, l, acc, out, part_acc, part_ml, b, max_splits, lane, group,
                        (float*)decode_smem);
@@ -761,6 +762,7 @@ DECODE_KERNEL(8, 128)
 // online softmax; the 4 warps merge at the end like the lane groups of `paged_decode_impl`.
 template <int G>
 __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
+    decode_launch_dependents();
     static_assert(G >= 1 && G <= 8, "the group's heads are rows 0..7 of the MMA");
     constexpr int D = 128, CH = 16, KP = D + 8, WARPS = 4;
     DecodeBlock b;
@@ -863,7 +865,6 @@ __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
     }
     l_row += __shfl_xor_sync(0xffffffffu, l_row, 1);
     l_row += __shfl_xor_sync(0xffffffffu, l_row, 2);
-    decode_launch_dependents();
 
     // Merge the 4 warps, in the ring's shared memory once every warp is done with it (so the
     // block fits 3 to an SM): m, l [WARPS][G], then acc [WARPS][G][D].
