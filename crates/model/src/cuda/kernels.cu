@@ -397,6 +397,25 @@ __device__ __forceinline__ void decode_accumulate(const float (&q)[G][DL], const
     }
 }
 
+// A lane's start in a decode block: its DL = D / 16 dims of the group's G query heads (scaled
+// for exp2) and an empty online-softmax state.
+template <int G, int D>
+__device__ __forceinline__ void decode_lane_start(const DecodeBlock& b, int lane, float scale_log2,
+                                                  float (&q)[G][D / 16], float (&m)[G],
+                                                  float (&l)[G], float (&acc)[G][D / 16]) {
+    constexpr int DL = D / 16;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const bf16_t* qp = b.q + (size_t)g * D + lane * DL;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
+        m[g] = -1e30f;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
+    }
+}
+
 // The parameters of every decode kernel: of its entry (`DECODE_ENTRY`, pointers plain, R
 // empty) and of the device function the entry runs (R = __restrict__), in this order.
 #define DECODE_PARAMS(R)                                                                          \
@@ -423,21 +442,8 @@ __device__ void paged_decode_registers_impl(DECODE_PARAMS(__restrict__)) {
     pdl_wait();  // (launched as a programmatic dependent, like `paged_decode_impl`)
     const int lane = threadIdx.x & 15, group = threadIdx.x >> 4;
 
-    float q[G][DL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        const bf16_t* qp = b.q + (size_t)g * D + lane * DL;
-#pragma unroll
-        for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
-    }
-    float m[G], l[G], acc[G][DL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = -1e30f;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
-    }
+    float q[G][DL], m[G], l[G], acc[G][DL];
+    decode_lane_start<G, D>(b, lane, scale_log2, q, m, l, acc);
 
     // Every lane runs the same number of iterations (the shuffles need the whole warp).
     for (int base = b.s0; base < b.s1; base += 8 * U) {
@@ -687,21 +693,8 @@ __device__ void paged_decode_impl(DECODE_PARAMS(__restrict__)) {
         cp_async_commit();
     }
 
-    float q[G][DL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        const bf16_t* qp = b.q + (size_t)g * D + lane * DL;
-#pragma unroll
-        for (int i = 0; i < DL; ++i) q[g][i] = bf2f(qp[i]) * scale_log2;
-    }
-    float m[G], l[G], acc[G][DL];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = -1e30f;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
-    }
+    float q[G][DL], m[G], l[G], acc[G][DL];
+    decode_lane_start<G, D>(b, lane, scale_log2, q, m, l, acc);
 
     // Every lane runs the same number of steps (the shuffles need the whole warp).
     for (int step = 0; step < steps; ++step) {

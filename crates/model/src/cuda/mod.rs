@@ -1572,7 +1572,7 @@ impl CudaLlama {
         args: &[Arg],
         what: &str,
     ) -> Result<(), ModelError> {
-        self.launch_smem_on(stream, f, grid, block, 0, args, what)
+        self.launch_smem_on(stream, f, grid, block, 0, args, what, false)
     }
 
     fn launch_smem(
@@ -1592,28 +1592,15 @@ impl CudaLlama {
             shared_mem_bytes,
             args,
             what,
+            false,
         )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch_smem_on(
-        &self,
-        stream: CUstream,
-        f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared_mem_bytes: u32,
-        args: &[Arg],
-        what: &str,
-    ) -> Result<(), ModelError> {
-        self.launch_kernel(stream, f, grid, block, shared_mem_bytes, args, what, false)
     }
 
     /// Launches `f` on `stream` with `args`; with `dependent`, as a programmatic dependent of
     /// the kernel before it in the stream (compute capability 9.0: its blocks may start while
     /// that kernel's last ones run, and must `pdl_wait` before reading what it wrote).
     #[allow(clippy::too_many_arguments)]
-    fn launch_kernel(
+    fn launch_smem_on(
         &self,
         stream: CUstream,
         f: &CudaFunction,
@@ -2160,7 +2147,7 @@ impl CudaLlama {
         if plan.decode_items > 0 && part != AttentionPart::Prefill {
             let (f, _) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
-            self.launch_kernel(
+            self.launch_smem_on(
                 stream,
                 f,
                 (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
@@ -2259,6 +2246,7 @@ impl CudaLlama {
                     F32(scale_log2),
                 ],
                 "paged prefill attention",
+                false,
             )?;
         }
         Ok(())
