@@ -905,8 +905,9 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16_t* const smem = (bf16_t*)smem_raw;
 
-    // Heaviest tiles first (each sequence's tiles are listed by rising q0).
-    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;
+    // Heaviest tiles first, for every head (grid (heads, tiles); each sequence's tiles are
+    // listed by rising q0).
+    const int tile = gridDim.y - 1 - blockIdx.y, h = blockIdx.x;
     const int seq = tile_seq[tile], q0 = tile_q0[tile];
     const int start = seq_start[seq], len = seq_len[seq], row0 = seq_row0[seq];
     const int kvh = h / (heads / kv_heads);
@@ -1249,9 +1250,12 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
     unsigned int* stage_done =
         reinterpret_cast<unsigned int*>(smem_raw + (stage_bars + 16 - smem_addr(smem_raw)));
 
-    // Heaviest tiles first: the plan lists each sequence's tiles by rising q0, and later tiles
-    // see more keys, so the last wave is short ones.
-    const int tile = gridDim.x - 1 - blockIdx.x, h0 = blockIdx.y * NQ;
+    // Heaviest tiles first, for every head group before the next tile (grid (head groups,
+    // tiles), the x index launched fastest): the plan lists each sequence's tiles by rising q0,
+    // and later tiles see more keys, so the last blocks launched are short ones. (Tiles-fastest
+    // order ran each head group's tiles heavy to light, and the last group's heaviest tiles
+    // started near the end.)
+    const int tile = gridDim.y - 1 - blockIdx.y, h0 = blockIdx.x * NQ;
     const int seq = tile_seq[tile], q0 = tile_q0[tile];
     const int start = seq_start[seq], len = seq_len[seq], row0 = seq_row0[seq];
     const int kvh = h0 / (heads / kv_heads);

@@ -2208,6 +2208,12 @@ impl CudaLlama {
                     (&self.kernels.prefill[&d], 1, 128, prefill_smem_bytes(d))
                 }
             };
+            if plan.prefill_tiles > 65535 {
+                return Err(ModelError::Batch(format!(
+                    "{} prefill tiles of {PREFILL_TILE_ROWS} rows in one step: at most 65535",
+                    plan.prefill_tiles
+                )));
+            }
             // TMA variants read K and V through the layer's tensor maps (encoded with the cache;
             // prefill_kernel_for chose TMA only for blocks that have them).
             let maps = match kernel {
@@ -2221,9 +2227,10 @@ impl CudaLlama {
             self.launch_smem_on(
                 stream,
                 f,
+                // Head groups fastest, tiles in y (a grid's y is at most 65535).
                 (
-                    plan.prefill_tiles as u32,
                     (heads / heads_per_block) as u32,
+                    plan.prefill_tiles as u32,
                     1,
                 ),
                 threads as u32,
