@@ -280,6 +280,77 @@ fn decode_sweep(
     json!(rows)
 }
 
+/// Decode attention over batches whose contexts differ (evenly from `lo` to `hi` tokens, in a
+/// shuffled order, as a serving batch has them), launched longest context first (the default)
+/// and in batch order, outputs compared; beside a copy of the same bytes.
+fn decode_mixed_contexts(one: &mut CudaLlama, copy_gbps: f64) -> serde_json::Value {
+    let cases: &[(usize, usize, usize)] = &[
+        (256, 64, 4096),
+        (128, 128, 8192),
+        (96, 32, 1024),
+        (64, 512, 4096),
+        (512, 16, 2048),
+    ];
+    let mut rows = Vec::new();
+    for &(seqs, lo, hi) in cases {
+        let order = shuffled_block_ids(seqs);
+        let ctxs: Vec<usize> = order
+            .iter()
+            .map(|&k| lo + (hi - lo) * k as usize / (seqs - 1).max(1))
+            .collect();
+        let per_seq: Vec<usize> = ctxs.iter().map(|c| c.div_ceil(BLOCK)).collect();
+        let total: usize = per_seq.iter().sum();
+        let cache = one.new_cache(total + 64, BLOCK).expect("cache");
+        let ids = shuffled_block_ids(total);
+        let mut next = 0;
+        let bt = ForwardBatch {
+            sequences: ctxs
+                .iter()
+                .zip(&per_seq)
+                .enumerate()
+                .map(|(s, (&ctx, &n))| {
+                    next += n;
+                    SequenceChunk {
+                        tokens: vec![(s % 1000) as u32 + 3],
+                        start_position: ctx - 1,
+                        block_table: ids[next - n..next].to_vec(),
+                        logits: false,
+                    }
+                })
+                .collect(),
+        };
+        one.randomize_attention_inputs(&bt, &cache, 9)
+            .expect("random inputs");
+        let kv_bytes = ctxs.iter().sum::<usize>() as f64 * (8 * 128 * 2 * 2) as f64;
+        let mut reference = None;
+        for longest_first in [true, false] {
+            one.set_decode_longest_first(longest_first);
+            one.time_attention(&bt, &cache, 10).expect("attention");
+            let secs = one.time_attention(&bt, &cache, 50).expect("attention");
+            let got = one.attention_output(seqs).expect("output");
+            let reference = reference.get_or_insert_with(|| got.clone());
+            let (max_abs_diff, non_finite) = compare_outputs(&got, reference);
+            let of_copy = kv_bytes / secs / 1e9 / copy_gbps;
+            let order = if longest_first {
+                "longest first"
+            } else {
+                "batch order"
+            };
+            eprintln!(
+                "decode mixed b={seqs} ctx={lo}..{hi} {order}: {:.1} us, {:.0}% of copy, max \
+                 |diff| vs longest first {max_abs_diff:.2e}, {non_finite} non-finite",
+                secs * 1e6,
+                100.0 * of_copy
+            );
+            rows.push(json!({"batch": seqs, "ctx_lo": lo, "ctx_hi": hi,
+                             "longest_first": longest_first, "secs": secs, "of_copy": of_copy,
+                             "max_abs_diff": max_abs_diff, "non_finite": non_finite}));
+        }
+    }
+    one.set_decode_longest_first(true);
+    json!(rows)
+}
+
 /// A few launches of the kernels worth a look under Nsight Compute (`--profile-kernels`): the
 /// default prefill attention and the 128-key ping-pong variant at 1 x 8192 from position 0, and
 /// decode attention at 64 x 512. Run as `ncu -k regex:NAME -c 1 ... cuda_bench --profile-kernels`.
@@ -352,6 +423,10 @@ fn main() {
         out.insert(
             "decode_sweep".into(),
             decode_sweep(&mut one, &kernels, copy_gbps),
+        );
+        out.insert(
+            "decode_mixed".into(),
+            decode_mixed_contexts(&mut one, copy_gbps),
         );
         println!("{}", serde_json::Value::Object(out));
         return;

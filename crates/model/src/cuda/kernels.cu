@@ -234,7 +234,8 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention (one query token per sequence), split over the context.
 //
-// Block (item, kv_head, split): 128 threads = 8 groups of 16 lanes; each lane owns D/16 dims of
+// Block (kv_head, item, split), KV heads fastest so that the plan's item order (longest context
+// first) is the launch order: 128 threads = 8 groups of 16 lanes; each lane owns D/16 dims of
 // every query head of the GQA group. A group walks tokens split_start + group, + 8, ...: it
 // reads the token's K row (16 bytes per lane for D = 128), forms the G scores with a 4-step
 // shuffle reduction, and keeps an online softmax (`paged_decode_impl` brings the rows through
@@ -280,8 +281,8 @@ __device__ __forceinline__ bool decode_block(DecodeBlock& b, int group_heads, in
                                              const int* item_rows, const int* item_ctx,
                                              const int* item_table_off, int kv_heads,
                                              int block_size, int split_tokens) {
-    b.item = blockIdx.x;
-    b.kvh = blockIdx.y;
+    b.item = blockIdx.y;
+    b.kvh = blockIdx.x;
     b.split = blockIdx.z;
     b.ctx = item_ctx[b.item];
     b.s0 = b.split * split_tokens;
@@ -483,7 +484,7 @@ __device__ void paged_decode_registers_impl(DECODE_PARAMS(__restrict__)) {
 }
 
 // A decode kernel entry `NAME` running the device function `__VA_ARGS__` (a template-id): the
-// grid (items, kv_heads, splits), 128 threads, and the arguments every decode kernel takes.
+// grid (kv_heads, items, splits), 128 threads, and the arguments every decode kernel takes.
 #define DECODE_ENTRY(NAME, ...)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(DECODE_PARAMS()) {                    \
         __VA_ARGS__(out, part_acc, part_ml, qkv, k_cache, v_cache, block_tables, item_rows,      \

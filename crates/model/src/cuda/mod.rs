@@ -824,7 +824,14 @@ struct AttentionPlan {
 }
 
 impl AttentionPlan {
-    fn build(batch: &ForwardBatch, slots: &[usize], block_size: usize) -> AttentionPlan {
+    /// The plan of `batch`'s attention; with `longest_decodes_first`, the decode items ordered
+    /// by falling context (ties in batch order), which the decode grid launches in order.
+    fn build(
+        batch: &ForwardBatch,
+        slots: &[usize],
+        block_size: usize,
+        longest_decodes_first: bool,
+    ) -> AttentionPlan {
         let mut p = AttentionPlan::default();
         let mut table_off = Vec::new();
         let mut tables = Vec::new();
@@ -856,9 +863,12 @@ impl AttentionPlan {
             rows.push(row);
             row += s.tokens.len();
         }
-        let decode: Vec<usize> = (0..batch.sequences.len())
+        let mut decode: Vec<usize> = (0..batch.sequences.len())
             .filter(|&i| batch.sequences[i].tokens.len() == 1)
             .collect();
+        if longest_decodes_first {
+            decode.sort_by_key(|&i| std::cmp::Reverse(batch.sequences[i].start_position));
+        }
         let prefill: Vec<usize> = (0..batch.sequences.len())
             .filter(|&i| batch.sequences[i].tokens.len() > 1)
             .collect();
@@ -946,6 +956,8 @@ pub struct CudaLlama {
     /// Decode attention launched as a programmatic dependent of the kernel before it
     /// (compute capability 9.0 and newer, unless a benchmark turns it off).
     decode_dependent_launch: bool,
+    /// Decode items launched longest context first (unless a benchmark turns it off).
+    decode_longest_first: bool,
     hidden: Scratch<u16>,
     normed: Scratch<u16>,
     qkv_buf: Scratch<u16>,
@@ -1037,6 +1049,7 @@ impl CudaLlama {
             forced_decode_splits: None,
             forced_decode_blocks_per_sm: None,
             decode_dependent_launch: kernels_cc_major >= 9,
+            decode_longest_first: true,
             hidden: Scratch::new(),
             normed: Scratch::new(),
             qkv_buf: Scratch::new(),
@@ -1408,6 +1421,12 @@ impl CudaLlama {
         self.decode_dependent_launch = dependent && self.kernels.compute_capability.0 >= 9;
     }
 
+    /// Launches decode items longest context first (the default), or in batch order
+    /// (benchmarks compare).
+    pub fn set_decode_longest_first(&mut self, longest_first: bool) {
+        self.decode_longest_first = longest_first;
+    }
+
     /// Forces decode launches to `blocks_per_sm` of [`CudaLlama::decode_occupancy_choices`]
     /// (benchmarks), or (`None`) lets [`decode_launch_shape`] choose.
     pub fn set_decode_blocks_per_sm(&mut self, blocks_per_sm: Option<usize>) {
@@ -1716,7 +1735,12 @@ impl CudaLlama {
             return self.forward_overlapped(batch, cache, &slots);
         }
         let n = slots.len();
-        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
+        let plan = AttentionPlan::build(
+            batch,
+            &slots,
+            cache.block_size,
+            self.decode_longest_first,
+        );
         let stream = self.stream.clone();
         let ints = self.upload_ints(&plan.ints)?;
         let acts = self.activations(n)?;
@@ -2039,8 +2063,18 @@ impl CudaLlama {
         let rows = [nano.slots[0].len(), nano.slots[1].len()];
         let n = slots.len();
         let plans = [
-            AttentionPlan::build(&nano.parts[0], &nano.slots[0], cache.block_size),
-            AttentionPlan::build(&nano.parts[1], &nano.slots[1], cache.block_size),
+            AttentionPlan::build(
+                &nano.parts[0],
+                &nano.slots[0],
+                cache.block_size,
+                self.decode_longest_first,
+            ),
+            AttentionPlan::build(
+                &nano.parts[1],
+                &nano.slots[1],
+                cache.block_size,
+                self.decode_longest_first,
+            ),
         ];
         // One upload: both plans, then the logit rows.
         let mut ints = plans[0].ints.clone();
@@ -2150,7 +2184,8 @@ impl CudaLlama {
             self.launch_smem_on(
                 stream,
                 f,
-                (plan.decode_items as u32, kv_heads as u32, max_splits as u32),
+                // KV heads fastest: an item's blocks launch together, items in plan order.
+                (kv_heads as u32, plan.decode_items as u32, max_splits as u32),
                 128,
                 smem_bytes,
                 &[
@@ -2270,7 +2305,12 @@ impl CudaLlama {
         let c = self.config.clone();
         let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
         let n = slots.len();
-        let plan = AttentionPlan::build(batch, &slots, cache.block_size);
+        let plan = AttentionPlan::build(
+            batch,
+            &slots,
+            cache.block_size,
+            self.decode_longest_first,
+        );
         let stream = self.stream.clone();
         let ints = self.ints.ptr(&stream, plan.ints.len())?;
         unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
@@ -2535,7 +2575,7 @@ mod tests {
         };
         let bs = 16;
         let slots = plan_slots(&test_config(), &batch, bs, 64).expect("valid batch");
-        let p = AttentionPlan::build(&batch, &slots, bs);
+        let p = AttentionPlan::build(&batch, &slots, bs, true);
         assert_eq!(p.decode_items, 1);
         assert_eq!(p.decode_max_ctx, 21);
         assert_eq!(p.ints[p.item_rows], 0);
