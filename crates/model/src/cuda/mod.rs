@@ -1735,12 +1735,7 @@ impl CudaLlama {
             return self.forward_overlapped(batch, cache, &slots);
         }
         let n = slots.len();
-        let plan = AttentionPlan::build(
-            batch,
-            &slots,
-            cache.block_size,
-            self.decode_longest_first,
-        );
+        let plan = AttentionPlan::build(batch, &slots, cache.block_size, self.decode_longest_first);
         let stream = self.stream.clone();
         let ints = self.upload_ints(&plan.ints)?;
         let acts = self.activations(n)?;
@@ -2305,12 +2300,7 @@ impl CudaLlama {
         let c = self.config.clone();
         let slots = plan_slots(&c, batch, cache.block_size, cache.num_blocks)?;
         let n = slots.len();
-        let plan = AttentionPlan::build(
-            batch,
-            &slots,
-            cache.block_size,
-            self.decode_longest_first,
-        );
+        let plan = AttentionPlan::build(batch, &slots, cache.block_size, self.decode_longest_first);
         let stream = self.stream.clone();
         let ints = self.ints.ptr(&stream, plan.ints.len())?;
         unsafe { cudarc::driver::result::memcpy_htod_async(ints, &plan.ints, stream.cu_stream()) }
