@@ -270,11 +270,11 @@ pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
             ),
             (
                 "code+conv, session 8",
-                &gpu_dir.join("engine/run15-code-conv-session8-last.json"),
+                &gpu_dir.join("engine/run16-code-conv-session8-final.json"),
             ),
             (
                 "mooncake+conv, session 8",
-                &gpu_dir.join("engine/run15-mooncake-conv-session8-last.json"),
+                &gpu_dir.join("engine/run16-mooncake-conv-session8-final.json"),
             ),
         ])?,
     )
