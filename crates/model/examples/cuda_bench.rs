@@ -89,6 +89,12 @@ fn time_kernels<K: Copy>(
     runs
 }
 
+/// Bytes of K and V that `tokens` tokens take in one layer of the 8B shape (8 KV heads x 128
+/// dims x bf16).
+fn layer_kv_bytes(tokens: usize) -> usize {
+    tokens * 8 * 128 * 2 * 2
+}
+
 /// A decode kernel and whether it is launched as a programmatic dependent.
 #[derive(Clone, Copy)]
 struct DecodeLaunch {
@@ -181,19 +187,12 @@ fn decode_sweep(
         .unwrap_or_else(|| all.to_vec());
     let cases = &chosen[..];
     let cache = decode_cache(one, cases);
-    // One untimed round first: the first timing of a process ran ~10% slow (64 x 512 auto
-    // 56.8 us as the first case, 50.9 us for the same shape forced right after).
-    if let Some(&(seqs, ctx)) = cases.first() {
-        let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
-        one.time_attention(&bt, &cache, 50).expect("attention");
-    }
     let mut rows = Vec::new();
     // A copy moving as many bytes as each case reads (half read, half written): the yardstick
     // with the same launch and ramp costs.
-    let kv_bytes_of = |seqs: usize, ctx: usize| seqs * ctx * 8 * 128 * 2 * 2;
     let most = cases
         .iter()
-        .map(|&(b, c)| kv_bytes_of(b, c) / 2)
+        .map(|&(b, c)| layer_kv_bytes(b * c) / 2)
         .max()
         .unwrap_or(0);
     let stream = one.stream().clone();
@@ -203,8 +202,8 @@ fn decode_sweep(
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
         one.randomize_attention_inputs(&bt, &cache, 5)
             .expect("random inputs");
-        let kv_bytes = kv_bytes_of(seqs, ctx) as f64;
-        let half = kv_bytes_of(seqs, ctx) / 2;
+        let half = layer_kv_bytes(seqs * ctx) / 2;
+        let kv_bytes = layer_kv_bytes(seqs * ctx) as f64;
         let copy_secs = one
             .time(50, |_| {
                 stream
@@ -282,7 +281,7 @@ fn decode_sweep(
 
 /// Decode attention over batches whose contexts differ (evenly from `lo` to `hi` tokens, in a
 /// shuffled order, as a serving batch has them), launched longest context first (the default)
-/// and in batch order, outputs compared; beside a copy of the same bytes.
+/// and in batch order, outputs compared.
 fn decode_mixed_contexts(one: &mut CudaLlama, copy_gbps: f64) -> serde_json::Value {
     let cases: &[(usize, usize, usize)] = &[
         (256, 64, 4096),
@@ -321,7 +320,7 @@ fn decode_mixed_contexts(one: &mut CudaLlama, copy_gbps: f64) -> serde_json::Val
         };
         one.randomize_attention_inputs(&bt, &cache, 9)
             .expect("random inputs");
-        let kv_bytes = ctxs.iter().sum::<usize>() as f64 * (8 * 128 * 2 * 2) as f64;
+        let kv_bytes = layer_kv_bytes(ctxs.iter().sum()) as f64;
         let mut reference = None;
         for longest_first in [true, false] {
             one.set_decode_longest_first(longest_first);
@@ -509,7 +508,7 @@ fn main() {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
         one.randomize_attention_inputs(&bt, &cache, 5)
             .expect("random inputs");
-        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        let kv_bytes = layer_kv_bytes(seqs * ctx) as f64;
         let runs = time_kernels(
             &mut one,
             choose_decode_launch,
@@ -555,7 +554,7 @@ fn main() {
     };
     for &(seqs, ctx) in partition_cases {
         let bt = batch(seqs, ctx - 1, 1, cache.num_blocks(), false);
-        let kv_bytes = (seqs * ctx * 8 * 128 * 2 * 2) as f64;
+        let kv_bytes = layer_kv_bytes(seqs * ctx) as f64;
         for &kernel in &decode_kernels {
             one.set_decode_kernel(kernel).expect("kernel");
             for sms in [16, 32, 48, 64, 96] {

@@ -156,6 +156,14 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// x += the 8 bias values at `bias`, each sum rounded to bf16.
+__device__ __forceinline__ void add_bias8(Bf16x8& x, const bf16_t* bias) {
+    Bf16x8 b;
+    b.v = *(const uint4*)bias;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x.h[k] = f2bf(round_bf(bf2f(x.h[k]) + bf2f(b.h[k])));
+}
+
 // Bias add (Qwen2's q/k/v biases), RoPE on q and k (HF rotate-half layout, cos/sin rounded to
 // bf16 as transformers does), and the new K and V written to their cache slots.
 // One block per token; each thread item is 8 rotation pairs of a q or k head (16-byte loads of
@@ -192,12 +200,7 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
             const int e = (i - rotations) * 8;
             Bf16x8 v;
             v.v = *(const uint4*)(row + v_start + e);
-            if (bias != 0) {
-                Bf16x8 b;
-                b.v = *(const uint4*)(bias + v_start + e);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) v.h[k] = f2bf(round_bf(bf2f(v.h[k]) + bf2f(b.h[k])));
-            }
+            if (bias != 0) add_bias8(v, bias + v_start + e);
             *(uint4*)(v_cache + slot * kv_heads * head_dim + e) = v.v;
             continue;
         }
@@ -208,14 +211,8 @@ extern "C" __global__ void rope_write_kv(bf16_t* __restrict__ qkv, const bf16_t*
         a.v = *(const uint4*)(row + c0);
         b.v = *(const uint4*)(row + c1);
         if (bias != 0) {
-            Bf16x8 ba, bb;
-            ba.v = *(const uint4*)(bias + c0);
-            bb.v = *(const uint4*)(bias + c1);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                a.h[k] = f2bf(round_bf(bf2f(a.h[k]) + bf2f(ba.h[k])));
-                b.h[k] = f2bf(round_bf(bf2f(b.h[k]) + bf2f(bb.h[k])));
-            }
+            add_bias8(a, bias + c0);
+            add_bias8(b, bias + c1);
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {

@@ -2057,20 +2057,14 @@ impl CudaLlama {
         let nano = split_nano_batches(batch, slots);
         let rows = [nano.slots[0].len(), nano.slots[1].len()];
         let n = slots.len();
-        let plans = [
+        let plans = [0, 1].map(|k| {
             AttentionPlan::build(
-                &nano.parts[0],
-                &nano.slots[0],
+                &nano.parts[k],
+                &nano.slots[k],
                 cache.block_size,
                 self.decode_longest_first,
-            ),
-            AttentionPlan::build(
-                &nano.parts[1],
-                &nano.slots[1],
-                cache.block_size,
-                self.decode_longest_first,
-            ),
-        ];
+            )
+        });
         // One upload: both plans, then the logit rows.
         let mut ints = plans[0].ints.clone();
         ints.extend_from_slice(&plans[1].ints);
