@@ -97,6 +97,18 @@ struct SeqTable {
     tokens: u64,
     /// Leading blocks already registered in (or matched from) the hash table.
     hashed_blocks: usize,
+    /// Hashes of the full prompt blocks this sequence computes itself and has not committed yet,
+    /// for blocks `hashed_blocks..` in order (see [`KvCacheManager::being_computed`]).
+    in_flight: std::collections::VecDeque<BlockHash>,
+}
+
+fn release_in_flight(in_flight: &mut FxHashMap<BlockHash, u32>, h: BlockHash) {
+    if let std::collections::hash_map::Entry::Occupied(mut slot) = in_flight.entry(h) {
+        *slot.get_mut() -= 1;
+        if *slot.get() == 0 {
+            slot.remove();
+        }
+    }
 }
 
 /// The paged block manager: a block pool plus one block table per sequence.
@@ -110,6 +122,8 @@ pub struct KvCacheManager {
     evictable: u32,
     used: u32,
     cached: FxHashMap<BlockHash, BlockId>,
+    /// Prompt blocks some running sequence is computing now, by hash (with how many are).
+    in_flight: FxHashMap<BlockHash, u32>,
     tables: FxHashMap<SeqId, SeqTable>,
     stats: KvStats,
 }
@@ -134,6 +148,7 @@ impl KvCacheManager {
             evictable: 0,
             used: 0,
             cached: FxHashMap::default(),
+            in_flight: FxHashMap::default(),
             tables: FxHashMap::default(),
             stats: KvStats::default(),
         }
@@ -187,8 +202,17 @@ impl KvCacheManager {
             .count()
     }
 
+    /// Whether a running sequence is computing the block with this hash now (admitted, not yet
+    /// committed). A sequence that would compute the same block again had better wait for it:
+    /// under chunked prefill, requests sharing a long prefix otherwise each recompute it.
+    pub fn being_computed(&self, hash: &BlockHash) -> bool {
+        self.config.enable_prefix_caching && self.in_flight.contains_key(hash)
+    }
+
     /// Creates `seq`'s table: reuses its first `reuse_blocks` cached blocks (as found by
     /// [`Self::match_prefix`]) and allocates slots for `new_tokens` more tokens after them.
+    /// `hashes` are the full-block hashes of the sequence's known tokens; the ones past the reused
+    /// blocks count as being computed by `seq` until committed or freed.
     /// `lookup_tokens` is what the caller asked to reuse (for the hit statistics). All or nothing.
     pub fn admit(
         &mut self,
@@ -220,7 +244,14 @@ impl KvCacheManager {
             blocks: reused,
             tokens: reused_tokens,
             hashed_blocks: reuse.len(),
+            in_flight: Default::default(),
         };
+        if self.config.enable_prefix_caching {
+            for &h in &hashes[reuse.len()..] {
+                *self.in_flight.entry(h).or_insert(0) += 1;
+                table.in_flight.push_back(h);
+            }
+        }
         for _ in 0..needed {
             let b = self.pop_block().expect("availability was checked");
             table.blocks.push(b);
@@ -278,7 +309,14 @@ impl KvCacheManager {
                 }
             }
         }
+        let newly = upto.saturating_sub(table.hashed_blocks);
         table.hashed_blocks = table.hashed_blocks.max(upto);
+        for _ in 0..newly {
+            let Some(h) = table.in_flight.pop_front() else {
+                break;
+            };
+            release_in_flight(&mut self.in_flight, h);
+        }
         Ok(())
     }
 
@@ -289,6 +327,9 @@ impl KvCacheManager {
             .tables
             .remove(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
+        for h in table.in_flight {
+            release_in_flight(&mut self.in_flight, h);
+        }
         for &b in table.blocks.iter().rev() {
             self.drop_ref(b);
         }

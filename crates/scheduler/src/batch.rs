@@ -708,6 +708,12 @@ impl<'w> Scheduler<'w> {
             let hashes = hasher.hashes();
             let max_reuse = ((s.known_tokens - 1) / block) as usize;
             let reuse = self.kv.match_prefix(hashes).min(max_reuse);
+            // A running sequence is computing the next block this one needs: wait for it rather
+            // than compute the shared prefix twice.
+            if hashes.get(reuse).is_some_and(|h| self.kv.being_computed(h)) {
+                self.pending = Some(r);
+                break;
+            }
             let cached = reuse as u64 * block;
             let want = budget.grant(self.perf.as_ref(), cached, s.known_tokens - cached);
             if want == 0 {
