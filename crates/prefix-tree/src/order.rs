@@ -1,4 +1,5 @@
 use crate::annotate::{Demand, ResourceAnnotation};
+use crate::split::TreeLayout;
 use crate::tree::{NodeId, PrefixTree, RequestIndex, ROOT};
 
 /// How a DFS visits the children of a node.
@@ -29,45 +30,6 @@ pub fn dfs_order(tree: &PrefixTree, child_order: ChildOrder) -> Vec<RequestIndex
     out
 }
 
-/// BlendServe's tree transformation: a node whose sharing saves less than
-/// `min_saving_fraction` of its subtree's compute is dissolved, so that its children are sorted
-/// among its siblings rather than kept together. Sharing is then left to the runtime prefix
-/// cache, which still catches it when the pieces happen to run close together.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RelaxConfig {
-    pub enabled: bool,
-    pub min_saving_fraction: f64,
-}
-
-impl Default for RelaxConfig {
-    fn default() -> Self {
-        RelaxConfig {
-            enabled: true,
-            min_saving_fraction: 0.1,
-        }
-    }
-}
-
-impl RelaxConfig {
-    pub const OFF: RelaxConfig = RelaxConfig {
-        enabled: false,
-        min_saving_fraction: 0.0,
-    };
-
-    fn dissolves(&self, tree: &PrefixTree, annotation: &ResourceAnnotation, id: NodeId) -> bool {
-        if !self.enabled || id == ROOT {
-            return false;
-        }
-        let node = tree.node(id);
-        if node.subtree_requests < 2 {
-            return false;
-        }
-        let saved =
-            f64::from(node.subtree_requests - 1) * annotation.edge[id as usize].compute_secs;
-        saved < self.min_saving_fraction * annotation.subtree[id as usize].compute_secs
-    }
-}
-
 /// A request in an ordering, with the demand attributed to it (its decode plus its share of the
 /// prefix edges above it).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -82,63 +44,43 @@ enum Unit {
     Node(NodeId),
 }
 
-/// BlendServe's resource-aware order: after the relaxation in `relax`, every node's children
-/// (and the requests ending at it) are sorted by compute density, highest first, and visited
-/// depth-first. Leaves thus run from compute-heavy (front) to memory-heavy (back) while each
-/// kept subtree stays contiguous, so a scanner from either end keeps prefix locality.
+/// BlendServe's resource-aware order over a tree whose `layout` says which nodes were split out
+/// to the root ([`crate::split_outliers`]): every node's children (and the requests ending at
+/// it) are sorted by compute density, highest first, and visited depth-first; split nodes sort
+/// among the root's children. Leaves thus run from compute-heavy (front) to memory-heavy (back)
+/// while each subtree stays contiguous, so a scanner from either end keeps prefix locality.
 pub fn resource_aware_order(
     tree: &PrefixTree,
     annotation: &ResourceAnnotation,
-    relax: RelaxConfig,
+    layout: &TreeLayout,
 ) -> Vec<OrderedRequest> {
-    let dissolved: Vec<bool> = (0..tree.nodes().len() as NodeId)
-        .map(|id| relax.dissolves(tree, annotation, id))
-        .collect();
     let mut out = Vec::with_capacity(tree.requests());
     let mut emit_stack: Vec<Unit> = vec![Unit::Node(ROOT)];
     let mut units: Vec<(Unit, f64)> = Vec::new();
-    let mut gather: Vec<(NodeId, Demand)> = Vec::new();
     while let Some(unit) = emit_stack.pop() {
-        let expand = match unit {
+        let id = match unit {
             Unit::Request(r) => {
                 out.push(OrderedRequest {
                     request: r,
-                    demand: annotation.attributed[r as usize],
+                    demand: layout.attributed[r as usize],
                 });
                 continue;
             }
             Unit::Node(id) => id,
         };
-        // Gather the units below `expand`, looking through dissolved nodes. `inherited` is the
-        // per-request share of dissolved edges between `expand` and the unit.
         units.clear();
-        gather.clear();
-        for &r in &tree.node(expand).requests {
+        let node = tree.node(id);
+        for &r in &node.requests {
             units.push((Unit::Request(r), annotation.decode[r as usize].density()));
         }
-        gather.extend(
-            tree.node(expand)
-                .children
-                .iter()
-                .map(|&c| (c, Demand::ZERO)),
-        );
-        while let Some((id, inherited)) = gather.pop() {
-            let node = tree.node(id);
-            if dissolved[id as usize] {
-                let here = inherited
-                    + annotation.edge[id as usize].scaled(1.0 / f64::from(node.subtree_requests));
-                for &r in &node.requests {
-                    units.push((
-                        Unit::Request(r),
-                        (annotation.decode[r as usize] + here).density(),
-                    ));
-                }
-                gather.extend(node.children.iter().map(|&c| (c, here)));
-            } else {
-                let demand = annotation.subtree[id as usize]
-                    + inherited.scaled(f64::from(node.subtree_requests));
-                units.push((Unit::Node(id), demand.density()));
-            }
+        let children = node.children.iter().filter(|&&c| !layout.split[c as usize]);
+        let split_out = if id == ROOT {
+            layout.split_nodes.as_slice()
+        } else {
+            &[]
+        };
+        for &c in children.chain(split_out) {
+            units.push((Unit::Node(c), layout.unit[c as usize].density()));
         }
         units.sort_by(|a, b| b.1.total_cmp(&a.1));
         emit_stack.extend(units.iter().rev().map(|&(u, _)| u));

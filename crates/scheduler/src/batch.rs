@@ -23,17 +23,27 @@ struct StepBudget {
     /// Tokens the step may still take in all (`max_batch_tokens` minus scheduled).
     tokens_left: u64,
     mode: TokenBudget,
-    /// Prefill tokens still owed to the step's minimum (balanced mode).
+    /// Prefill tokens still owed to the step's minimum (balanced and paced modes: the minimum,
+    /// or the policy's pace when larger).
     min_prefill_left: u64,
     cost: StepCost,
 }
 
 impl StepBudget {
-    fn new(max_batch_tokens: u64, mode: TokenBudget, perf: Option<&PerfModel>) -> Self {
+    /// `pace_tokens`: the policy's prefill pace, read in paced mode.
+    fn new(
+        max_batch_tokens: u64,
+        mode: TokenBudget,
+        perf: Option<&PerfModel>,
+        pace_tokens: Option<u64>,
+    ) -> Self {
         let min_prefill_left = match mode {
             TokenBudget::Balanced {
                 min_prefill_tokens, ..
             } => u64::from(min_prefill_tokens),
+            TokenBudget::Paced { min_prefill_tokens } => {
+                u64::from(min_prefill_tokens).max(pace_tokens.unwrap_or(0))
+            }
             _ => 0,
         };
         StepBudget {
@@ -47,17 +57,20 @@ impl StepBudget {
     /// Prefill tokens granted to a chunk starting at `start` that wants `wanted` tokens.
     fn grant(&mut self, perf: Option<&PerfModel>, start: u64, wanted: u64) -> u64 {
         let hard = wanted.min(self.tokens_left);
-        match (self.mode, perf) {
-            (TokenBudget::Balanced { target_density, .. }, Some(perf)) => {
-                let t = perf.time(&self.cost);
-                let room = target_density * t.memory_secs - t.compute_secs;
-                let balanced = perf.prefill_tokens_for_compute(start, room);
-                let granted = hard.min(balanced.max(self.min_prefill_left));
-                self.min_prefill_left = self.min_prefill_left.saturating_sub(granted);
-                granted
-            }
-            _ => hard,
-        }
+        let target_density = match self.mode {
+            TokenBudget::Balanced { target_density, .. } => target_density,
+            TokenBudget::Paced { .. } => 1.0,
+            _ => return hard,
+        };
+        let Some(perf) = perf else {
+            return hard;
+        };
+        let t = perf.time(&self.cost);
+        let room = target_density * t.memory_secs - t.compute_secs;
+        let balanced = perf.prefill_tokens_for_compute(start, room);
+        let granted = hard.min(balanced.max(self.min_prefill_left));
+        self.min_prefill_left = self.min_prefill_left.saturating_sub(granted);
+        granted
     }
 
     fn record(&mut self, perf: Option<&PerfModel>, start: u64, len: u64) {
@@ -82,6 +95,11 @@ pub enum TokenBudget {
         target_density: f64,
         min_prefill_tokens: u32,
     },
+    /// The balance rule at density 1, or the policy's pace ([`Policy::prefill_pace_tokens`]:
+    /// BlendServe's steady state for a memory-bound workload, the prefill tokens that replace
+    /// the requests finishing so that memory stays full) where that gives more; at least
+    /// `min_prefill_tokens` when prefill work waits.
+    Paced { min_prefill_tokens: u32 },
 }
 
 impl std::str::FromStr for TokenBudget {
@@ -94,8 +112,11 @@ impl std::str::FromStr for TokenBudget {
                 target_density: 1.0,
                 min_prefill_tokens: 64,
             }),
+            "paced" => Ok(TokenBudget::Paced {
+                min_prefill_tokens: 64,
+            }),
             other => Err(SchedulerError::Config(format!(
-                "unknown token budget `{other}` (auto, fixed, balanced)"
+                "unknown token budget `{other}` (auto, fixed, balanced, paced)"
             ))),
         }
     }
@@ -431,11 +452,13 @@ impl<'w> Scheduler<'w> {
             unfinished,
             stats,
         };
-        if matches!(scheduler.token_budget(), TokenBudget::Balanced { .. })
-            && scheduler.perf.is_none()
+        if matches!(
+            scheduler.token_budget(),
+            TokenBudget::Balanced { .. } | TokenBudget::Paced { .. }
+        ) && scheduler.perf.is_none()
         {
             return Err(SchedulerError::Config(
-                "the balanced token budget needs a performance model".into(),
+                "the balanced and paced token budgets need a performance model".into(),
             ));
         }
         Ok(scheduler)
@@ -491,10 +514,12 @@ impl<'w> Scheduler<'w> {
     }
 
     fn view(&self) -> BatchView {
+        let kv = self.kv.usage();
         BatchView {
             running: self.running.len(),
             running_demand: self.running_demand,
-            kv: self.kv.usage(),
+            kv,
+            kv_capacity_tokens: u64::from(kv.total_blocks) * u64::from(self.config.block_tokens),
         }
     }
 
@@ -510,10 +535,16 @@ impl<'w> Scheduler<'w> {
     /// requests, prefill tokens limited by the step budget.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
+        let mode = self.token_budget();
+        let pace = match mode {
+            TokenBudget::Paced { .. } => self.policy.prefill_pace_tokens(&self.view()),
+            _ => None,
+        };
         let mut budget = StepBudget::new(
             u64::from(self.config.max_batch_tokens),
-            self.token_budget(),
+            mode,
             self.perf.as_ref(),
+            pace,
         );
         let c = &self.config;
         let decay =
@@ -759,6 +790,7 @@ impl<'w> Scheduler<'w> {
         let s = &mut self.seqs[r as usize];
         s.phase = Phase::Finished;
         s.hasher = None;
+        self.policy.on_finished(r);
         self.unfinished -= 1;
         self.stats.finished += 1;
         self.kv
@@ -805,6 +837,9 @@ impl<'w> Scheduler<'w> {
             self.running_generated += 1;
             self.running_known += 1;
             let generated = s.generated;
+            if generated == self.estimated_output[r as usize].saturating_add(1) {
+                self.policy.on_overrun(r);
+            }
             let reason = if is_finished(r, generated) {
                 Some(FinishReason::Stop)
             } else if s.known_tokens >= self.max_context_tokens {

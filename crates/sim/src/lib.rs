@@ -149,6 +149,7 @@ pub struct SimReport {
 fn token_budget_label(budget: TokenBudget) -> String {
     match budget {
         TokenBudget::Balanced { target_density, .. } => format!("balanced:{target_density:.2}"),
+        TokenBudget::Paced { .. } => "paced".to_string(),
         other => format!("{other:?}").to_lowercase(),
     }
 }

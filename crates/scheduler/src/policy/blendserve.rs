@@ -1,6 +1,10 @@
-use prefix_tree::{flat_density_order, resource_aware_order, RelaxConfig, RequestIndex};
+use prefix_tree::{
+    flat_density_order, resource_aware_order, split_outliers, RequestIndex, SplitConfig,
+    SplitReport, TreeLayout,
+};
 
-use super::{BatchView, DualScanner, FixedOrder, Policy, PolicyInput};
+use super::dual_scanner::{RequestShape, SideRule};
+use super::{BatchView, DualScanner, Policy, PolicyInput};
 use crate::{Executor, TokenBudget};
 
 /// How BlendServe lays out leaves before scanning.
@@ -12,66 +16,91 @@ pub enum LeafOrder {
     FlatDensity,
 }
 
+/// How the leaves are scanned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanMode {
+    /// Two cursors, one from each end, choosing ends by `SideRule`.
+    Dual(SideRule),
+    /// One cursor, front to back (ablation).
+    Single,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct BlendServeConfig {
     pub leaf_order: LeafOrder,
-    pub relax: RelaxConfig,
-    /// Scan from both ends (else front to back, one cursor: ablation).
-    pub dual_scan: bool,
+    pub split: SplitConfig,
+    pub scan: ScanMode,
 }
 
 impl Default for BlendServeConfig {
     fn default() -> Self {
         BlendServeConfig {
             leaf_order: LeafOrder::ResourceAwareTree,
-            relax: RelaxConfig::default(),
-            dual_scan: true,
+            split: SplitConfig::default(),
+            scan: ScanMode::Dual(SideRule::MemorySplit),
         }
     }
 }
 
-enum Cursor {
-    Dual(DualScanner),
-    Single(FixedOrder),
+impl BlendServeConfig {
+    /// The name of this variant (`blendserve` or the ablation it is).
+    pub fn name(&self) -> &'static str {
+        match (self.leaf_order, self.split.enabled, self.scan) {
+            (LeafOrder::FlatDensity, _, _) => "blendserve-flat",
+            (_, _, ScanMode::Single) => "blendserve-noscan",
+            (_, _, ScanMode::Dual(SideRule::AdmittedDemand)) => "blendserve-nomemsplit",
+            (_, false, _) => "blendserve-nosplit",
+            _ => "blendserve",
+        }
+    }
 }
 
-/// BlendServe: a resource-aware prefix tree, scanned from both ends so that every stretch of
-/// admissions blends compute-heavy and memory-heavy requests while each end keeps its prefixes
-/// together.
+/// BlendServe: a resource-aware prefix tree, scanned from both ends with KV memory split between
+/// the ends so that the running batch sits at the workload's compute density, while each end
+/// keeps its prefixes together.
 pub struct BlendServePolicy {
     name: String,
-    cursor: Cursor,
+    scanner: DualScanner,
     overlapping_executor: bool,
+    split_report: SplitReport,
 }
 
 impl BlendServePolicy {
     pub fn new(input: &PolicyInput<'_>, config: BlendServeConfig) -> Self {
         let p = input.preparation;
-        let order = match config.leaf_order {
+        let layout = match config.leaf_order {
             LeafOrder::ResourceAwareTree => {
-                resource_aware_order(&p.tree, &p.annotation, config.relax)
+                split_outliers(&p.tree, &p.annotation, input.perf, config.split)
             }
+            LeafOrder::FlatDensity => TreeLayout::unsplit(&p.tree, &p.annotation),
+        };
+        let order = match config.leaf_order {
+            LeafOrder::ResourceAwareTree => resource_aware_order(&p.tree, &p.annotation, &layout),
             LeafOrder::FlatDensity => flat_density_order(&p.annotation),
         };
-        let cursor = if config.dual_scan {
-            Cursor::Dual(DualScanner::new(order))
-        } else {
-            Cursor::Single(FixedOrder::new(
-                "blendserve-noscan",
-                order.iter().map(|o| o.request).collect(),
-            ))
-        };
-        let name = match (&config.leaf_order, config.relax.enabled, config.dual_scan) {
-            (LeafOrder::FlatDensity, _, _) => "blendserve-flat",
-            (_, _, false) => "blendserve-noscan",
-            (_, false, _) => "blendserve-norelax",
-            _ => "blendserve",
+        let prefill = layout.attributed_prompt_tokens(&p.tree);
+        let shape = (0..p.tree.requests())
+            .map(|r| RequestShape {
+                prompt_tokens: p.tree.node(p.tree.leaf_of(r as RequestIndex)).depth_tokens as f64,
+                prefill_tokens: prefill[r],
+                output_tokens: f64::from(p.estimated_output_tokens[r]),
+            })
+            .collect();
+        let rule = match config.scan {
+            ScanMode::Dual(rule) => rule,
+            ScanMode::Single => SideRule::FrontOnly,
         };
         BlendServePolicy {
-            name: name.to_string(),
-            cursor,
+            name: config.name().to_string(),
+            scanner: DualScanner::new(order, shape, rule),
             overlapping_executor: input.perf.executor != Executor::Sequential,
+            split_report: layout.report,
         }
+    }
+
+    /// What conditional node splitting did to the tree.
+    pub fn split_report(&self) -> SplitReport {
+        self.split_report
     }
 }
 
@@ -80,29 +109,33 @@ impl Policy for BlendServePolicy {
         &self.name
     }
     fn next(&mut self, _view: &BatchView) -> Option<RequestIndex> {
-        match &mut self.cursor {
-            Cursor::Dual(s) => s.pick(),
-            Cursor::Single(o) => o.pop(),
-        }
+        self.scanner.pick()
     }
     fn remaining(&self) -> usize {
-        match &self.cursor {
-            Cursor::Dual(s) => s.remaining(),
-            Cursor::Single(o) => Policy::remaining(o),
-        }
+        self.scanner.remaining()
     }
     fn preferred_budget(&self) -> TokenBudget {
-        // With overlap, each step at the hardware's balance point. (Aiming at the workload's own
-        // density when it is compute-heavy was measured worse: KV capacity, not arithmetic,
-        // bounds the memory-heavy phases.) Without overlap, balancing buys nothing and costs
-        // weight passes: fill the budget. See experiments/NOTES.md.
-        if self.overlapping_executor {
-            TokenBudget::Balanced {
+        // With overlap, prefill paced so that memory stays full at the workload's density (or
+        // the old balance rule for the ablation without the memory split). Without overlap,
+        // pacing buys nothing and costs weight passes: fill the budget. See experiments/NOTES.md.
+        match (self.overlapping_executor, self.scanner.rule()) {
+            (false, _) => TokenBudget::Fixed,
+            (true, SideRule::AdmittedDemand) => TokenBudget::Balanced {
                 target_density: 1.0,
                 min_prefill_tokens: 64,
-            }
-        } else {
-            TokenBudget::Fixed
+            },
+            (true, _) => TokenBudget::Paced {
+                min_prefill_tokens: 64,
+            },
         }
+    }
+    fn prefill_pace_tokens(&self, view: &BatchView) -> Option<u64> {
+        Some(self.scanner.prefill_pace_tokens(view.kv_capacity_tokens as f64) as u64)
+    }
+    fn on_finished(&mut self, r: RequestIndex) {
+        self.scanner.finished(r);
+    }
+    fn on_overrun(&mut self, r: RequestIndex) {
+        self.scanner.overran(r);
     }
 }

@@ -1,38 +1,105 @@
 use prefix_tree::{Demand, OrderedRequest, RequestIndex};
 
+/// What the scanner knows of one request before it runs (estimates).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RequestShape {
+    /// Prompt tokens (KV it holds once prefilled).
+    pub prompt_tokens: f64,
+    /// Prompt tokens it is expected to compute itself: each shared prefix edge divided among the
+    /// requests below it.
+    pub prefill_tokens: f64,
+    /// Estimated output tokens.
+    pub output_tokens: f64,
+}
+
+impl RequestShape {
+    /// KV tokens the request holds on average over its life (prompt plus half its output), the
+    /// paper's `p + d/2`.
+    pub fn mean_kv_tokens(&self) -> f64 {
+        self.prompt_tokens + self.output_tokens / 2.0
+    }
+}
+
+/// How the scanner decides which end the next request comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideRule {
+    /// BlendServe's memory split: KV memory is divided between the two ends so that the running
+    /// batch sits at the workload's density (`M_L + M_R = M`, `M_L rho_L + M_R rho_R = M rho`),
+    /// re-solved as the cursors move; the end further below its share goes next.
+    MemorySplit,
+    /// Ablation: the demand handed out so far tracks the workload's density (no memory split).
+    AdmittedDemand,
+    /// Ablation: one cursor, front to back (no dual scan); the front holds all the memory.
+    FrontOnly,
+}
+
+/// Which end a handed-out request came from, and the memory it is counted for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Lane {
+    side: usize,
+    kv_tokens: f64,
+}
+
+const FRONT: usize = 0;
+const BACK: usize = 1;
+/// Requests ahead of a cursor whose mean shape stands for that end (the paper's node at the
+/// cursor; a window smooths single outliers).
+const WINDOW: usize = 64;
+
 /// BlendServe's dual scanner over a leaf order that runs from compute-heavy (front) to
 /// memory-heavy (back).
 ///
-/// One cursor walks forward from the front, the other backward from the back; each keeps the
-/// prefix locality of the order it walks. Each pick takes from the front while the demand
-/// admitted so far is at or below the target compute density, else from the back, so every
-/// stretch of admissions mixes the two kinds at the target ratio.
-///
-/// The target is the density of the whole order. When that is 1 (the hardware's balance point)
-/// this balances each stretch exactly; when the workload as a whole leans one way, no mix can
-/// beat `max(total compute, total memory)`, and mixing at the workload's own ratio spreads the
-/// scarce kind evenly so that neither end is left over as an unmixed tail.
+/// One cursor walks forward from the front, the other backward from the back; each is a DFS of
+/// its part of the tree, so each keeps prefix locality. Which end goes next follows a
+/// [`SideRule`]. Under the memory split the scanner also paces prefill: each end's share of KV
+/// memory holds `N = M_side / (p + d/2)` requests, which finish at `N / d` a step, so the step
+/// needs `N p' / d` prefill tokens (`p'` the tokens a request computes itself) to stay full.
 #[derive(Clone, Debug)]
 pub struct DualScanner {
     order: Vec<OrderedRequest>,
+    /// Prefix sums over `order` of (prompt, prefill, output) tokens and (compute, memory) secs.
+    sums: Vec<[f64; 5]>,
     front: usize,
     /// One past the back cursor.
     back: usize,
     target_density: f64,
+    rule: SideRule,
     admitted: Demand,
+    shape: Vec<RequestShape>,
+    lanes: Vec<Option<Lane>>,
+    /// KV tokens counted to each end's running requests.
+    load_kv_tokens: [f64; 2],
 }
 
 impl DualScanner {
-    pub fn new(order: Vec<OrderedRequest>) -> Self {
+    /// `shape[r]` describes request `r` (indexed by request, not by position in `order`).
+    pub fn new(order: Vec<OrderedRequest>, shape: Vec<RequestShape>, rule: SideRule) -> Self {
         let total: Demand = order.iter().map(|o| o.demand).sum();
-        let target_density = total.density();
+        let mut sums = Vec::with_capacity(order.len() + 1);
+        let mut acc = [0.0; 5];
+        sums.push(acc);
+        for o in &order {
+            let s = shape.get(o.request as usize).copied().unwrap_or_default();
+            acc[0] += s.prompt_tokens;
+            acc[1] += s.prefill_tokens;
+            acc[2] += s.output_tokens;
+            acc[3] += o.demand.compute_secs;
+            acc[4] += o.demand.memory_secs;
+            sums.push(acc);
+        }
         let back = order.len();
+        let lanes = vec![None; shape.len()];
         DualScanner {
             order,
+            sums,
             front: 0,
             back,
-            target_density,
+            target_density: total.density(),
+            rule,
             admitted: Demand::ZERO,
+            shape,
+            lanes,
+            load_kv_tokens: [0.0; 2],
         }
     }
 
@@ -49,14 +116,98 @@ impl DualScanner {
         self.admitted
     }
 
+    /// KV tokens counted to the front's and the back's running requests.
+    pub fn load_kv_tokens(&self) -> [f64; 2] {
+        self.load_kv_tokens
+    }
+
+    /// Window sums `[prompt, prefill, output, compute, memory]` of the requests next to `side`'s
+    /// cursor, and how many requests that is.
+    fn window(&self, side: usize) -> ([f64; 5], f64) {
+        let (lo, hi) = if side == FRONT {
+            (self.front, (self.front + WINDOW).min(self.back))
+        } else {
+            (self.back.saturating_sub(WINDOW).max(self.front), self.back)
+        };
+        let mut w = [0.0; 5];
+        for (k, x) in w.iter_mut().enumerate() {
+            *x = self.sums[hi][k] - self.sums[lo][k];
+        }
+        (w, (hi - lo) as f64)
+    }
+
+    /// The front's share of KV memory: `(rho - rho_R) / (rho_L - rho_R)`, clamped to [0, 1].
+    pub fn front_share(&self) -> f64 {
+        if !self.target_density.is_finite() || self.rule == SideRule::FrontOnly {
+            return 1.0;
+        }
+        let density = |w: [f64; 5]| Demand::new(w[3], w[4]).density();
+        let rho_l = density(self.window(FRONT).0);
+        let rho_r = density(self.window(BACK).0);
+        let rho = self.target_density;
+        if rho_l <= rho {
+            return 1.0;
+        }
+        if rho_r >= rho {
+            return 0.0;
+        }
+        ((rho - rho_r) / (rho_l - rho_r)).clamp(0.0, 1.0)
+    }
+
+    /// Prefill tokens per step that keep both ends' shares of `kv_capacity_tokens` full at steady
+    /// state (see the type's doc).
+    ///
+    /// Only a memory-bound workload (density below 1) is paced: it needs memory full so that each
+    /// weight pass serves as many decodes as possible. A compute-bound one needs its arithmetic
+    /// busy instead, and filling memory would stall admission on KV room and idle it (measured:
+    /// experiments/NOTES.md), so it gets 0 here and the step's balance rule alone.
+    pub fn prefill_pace_tokens(&self, kv_capacity_tokens: f64) -> f64 {
+        if self.front >= self.back || self.target_density >= 1.0 {
+            return 0.0;
+        }
+        let f = self.front_share();
+        [(FRONT, f), (BACK, 1.0 - f)]
+            .into_iter()
+            .filter(|&(_, share)| share > 0.0)
+            .map(|(side, share)| {
+                let (w, n) = self.window(side);
+                if n == 0.0 {
+                    return 0.0;
+                }
+                let (p, u, d) = (w[0] / n, w[1] / n, (w[2] / n).max(1.0));
+                let running = share * kv_capacity_tokens / (p + d / 2.0).max(1.0);
+                running * u / d
+            })
+            .sum()
+    }
+
+    pub fn rule(&self) -> SideRule {
+        self.rule
+    }
+
+    fn take_front(&self) -> bool {
+        match self.rule {
+            SideRule::FrontOnly => true,
+            SideRule::AdmittedDemand => {
+                self.admitted.compute_secs <= self.target_density * self.admitted.memory_secs
+                    || !self.target_density.is_finite()
+            }
+            SideRule::MemorySplit => {
+                let f = self.front_share();
+                let total = self.load_kv_tokens[FRONT] + self.load_kv_tokens[BACK] + 1.0;
+                let deficit_front = f * total - self.load_kv_tokens[FRONT];
+                let deficit_back = (1.0 - f) * total - self.load_kv_tokens[BACK];
+                deficit_front > deficit_back || (deficit_front == deficit_back && f >= 0.5)
+            }
+        }
+    }
+
     pub fn pick(&mut self) -> Option<RequestIndex> {
         if self.front >= self.back {
             return None;
         }
-        let take_front = self.admitted.compute_secs
-            <= self.target_density * self.admitted.memory_secs
-            || !self.target_density.is_finite();
-        let picked = if take_front {
+        let side = if self.take_front() { FRONT } else { BACK };
+        let picked = if side == FRONT {
             self.front += 1;
             self.order[self.front - 1]
         } else {
@@ -64,7 +215,34 @@ impl DualScanner {
             self.order[self.back]
         };
         self.admitted += picked.demand;
+        let r = picked.request as usize;
+        if let Some(shape) = self.shape.get(r) {
+            let kv_tokens = shape.mean_kv_tokens();
+            self.load_kv_tokens[side] += kv_tokens;
+            self.lanes[r] = Some(Lane { side, kv_tokens });
+        }
         Some(picked.request)
+    }
+
+    /// Request `r` finished: its end's memory is free again.
+    pub fn finished(&mut self, r: RequestIndex) {
+        if let Some(lane) = self.lanes.get_mut(r as usize).and_then(Option::take) {
+            self.load_kv_tokens[lane.side] = (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
+        }
+    }
+
+    /// Request `r` outran its estimated output: it is memory-heavy after all, so it is counted to
+    /// the back from now on, for its whole prompt plus output (it holds at least that).
+    pub fn overran(&mut self, r: RequestIndex) {
+        let Some(shape) = self.shape.get(r as usize).copied() else {
+            return;
+        };
+        if let Some(lane) = self.lanes.get_mut(r as usize).and_then(Option::as_mut) {
+            self.load_kv_tokens[lane.side] = (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
+            lane.side = BACK;
+            lane.kv_tokens = shape.prompt_tokens + shape.output_tokens;
+            self.load_kv_tokens[BACK] += lane.kv_tokens;
+        }
     }
 }
 
@@ -79,8 +257,19 @@ mod tests {
         }
     }
 
+    fn shapes(n: usize, prompt: f64, output: f64) -> Vec<RequestShape> {
+        vec![
+            RequestShape {
+                prompt_tokens: prompt,
+                prefill_tokens: prompt,
+                output_tokens: output,
+            };
+            n
+        ]
+    }
+
     #[test]
-    fn mixes_both_ends_and_hands_out_everything_once() {
+    fn admitted_demand_rule_mixes_both_ends_and_hands_out_everything_once() {
         // Compute-heavy front, memory-heavy back, total density 1.
         let order = vec![
             req(0, 3.0, 1.0),
@@ -88,7 +277,7 @@ mod tests {
             req(2, 1.0, 3.0),
             req(3, 1.0, 3.0),
         ];
-        let mut s = DualScanner::new(order);
+        let mut s = DualScanner::new(order, shapes(4, 10.0, 10.0), SideRule::AdmittedDemand);
         assert!((s.target_density() - 1.0).abs() < 1e-12);
         let picks: Vec<u32> = std::iter::from_fn(|| s.pick()).collect();
         assert_eq!(picks, vec![0, 3, 1, 2]);
@@ -97,20 +286,43 @@ mod tests {
     }
 
     #[test]
-    fn running_ratio_tracks_the_target() {
-        let mut order: Vec<OrderedRequest> = (0..300).map(|i| req(i, 4.0, 1.0)).collect();
-        order.extend((300..400).map(|i| req(i, 1.0, 4.0)));
-        let mut s = DualScanner::new(order);
-        let target = s.target_density();
-        for k in 1..=400 {
-            s.pick().unwrap();
-            if k >= 20 {
-                let d = s.admitted().density();
-                assert!(
-                    (d / target - 1.0).abs() < 0.35,
-                    "after {k}: {d} vs {target}"
-                );
-            }
+    fn memory_split_solves_the_paper_example() {
+        // Fig. 6: densities 3.73 and 0.096, root 1.27: the front gets 19.3 of 60 GB.
+        let mut order: Vec<OrderedRequest> = (0..100).map(|i| req(i, 3.73, 1.0)).collect();
+        order.extend((100..200).map(|i| req(i, 0.096, 1.0)));
+        let mut s = DualScanner::new(order, shapes(200, 100.0, 100.0), SideRule::MemorySplit);
+        s.target_density = 1.27;
+        assert!((s.front_share() * 60.0 - 19.3).abs() < 0.1, "{}", s.front_share());
+    }
+
+    #[test]
+    fn memory_split_keeps_each_end_at_its_share() {
+        let mut order: Vec<OrderedRequest> = (0..500).map(|i| req(i, 4.0, 1.0)).collect();
+        order.extend((500..1000).map(|i| req(i, 0.25, 1.0)));
+        let mut shape = shapes(1000, 1000.0, 50.0);
+        for s in &mut shape[500..] {
+            *s = RequestShape {
+                prompt_tokens: 100.0,
+                prefill_tokens: 100.0,
+                output_tokens: 2000.0,
+            };
         }
+        let mut s = DualScanner::new(order, shape, SideRule::MemorySplit);
+        let f = s.front_share();
+        assert!(f > 0.0 && f < 1.0, "{f}");
+        for _ in 0..200 {
+            s.pick().unwrap();
+        }
+        let [front, back] = s.load_kv_tokens();
+        let got = front / (front + back);
+        assert!((got - f).abs() < 0.05, "front holds {got}, share {f}");
+        // Finishing the front's requests frees its share, so the front goes next.
+        for r in 0..500 {
+            s.finished(r);
+        }
+        assert_eq!(s.load_kv_tokens()[0], 0.0);
+        let next = s.pick().unwrap();
+        assert!(next < 500, "{next}");
+        assert!(s.prefill_pace_tokens(1e6) > 0.0);
     }
 }

@@ -11,9 +11,9 @@ mod dual_scanner;
 mod fcfs;
 mod random;
 
-pub use blendserve::{BlendServeConfig, BlendServePolicy, LeafOrder};
+pub use blendserve::{BlendServeConfig, BlendServePolicy, LeafOrder, ScanMode};
 pub use dfs::dfs_policy;
-pub use dual_scanner::DualScanner;
+pub use dual_scanner::{DualScanner, RequestShape, SideRule};
 pub use fcfs::fcfs_policy;
 pub use random::random_policy;
 
@@ -31,6 +31,8 @@ pub struct BatchView {
     /// Estimated demand of the running requests (attributed demand, summed at admission).
     pub running_demand: Demand,
     pub kv: KvUsage,
+    /// Tokens the whole KV cache holds.
+    pub kv_capacity_tokens: u64,
 }
 
 /// Chooses the order in which waiting requests are admitted.
@@ -45,6 +47,15 @@ pub trait Policy: Send {
     fn preferred_budget(&self) -> crate::TokenBudget {
         crate::TokenBudget::Fixed
     }
+    /// Prefill tokens a step should take to keep the running batch where the policy wants it
+    /// (read under [`crate::TokenBudget::Paced`]); `None` leaves the step to the balance rule.
+    fn prefill_pace_tokens(&self, _view: &BatchView) -> Option<u64> {
+        None
+    }
+    /// Request `r`, handed out earlier, finished: its memory is free again.
+    fn on_finished(&mut self, _r: RequestIndex) {}
+    /// Request `r` generated more tokens than its estimate (called once, when it passes it).
+    fn on_overrun(&mut self, _r: RequestIndex) {}
 }
 
 /// Everything a policy is built from.
@@ -67,15 +78,16 @@ impl PolicyKind {
     /// The policies compared by default.
     pub const MAIN: [&'static str; 4] = ["fcfs", "random", "dfs", "blendserve"];
     /// BlendServe's ablations.
-    pub const ABLATIONS: [&'static str; 4] = [
+    pub const ABLATIONS: [&'static str; 5] = [
         "blendserve",
-        "blendserve-norelax",
+        "blendserve-nosplit",
+        "blendserve-nomemsplit",
         "blendserve-noscan",
         "blendserve-flat",
     ];
 
     /// Parses a policy name. BlendServe variants take parameters after `@`:
-    /// `blendserve@relax=0.05` (relaxation threshold; `off` disables it).
+    /// `blendserve@split=0.95` (sharing that node splitting must keep; `off` disables it).
     pub fn parse(name: &str) -> Result<PolicyKind, SchedulerError> {
         if let Some((base, params)) = name.split_once('@') {
             let PolicyKind::BlendServe(mut config) = PolicyKind::parse(base)? else {
@@ -85,48 +97,46 @@ impl PolicyKind {
             };
             for param in params.split('@') {
                 match param.split_once('=') {
-                    Some(("relax", "off")) => config.relax = prefix_tree::RelaxConfig::OFF,
-                    Some(("relax", v)) => {
-                        let threshold = v
+                    Some(("split", "off")) => config.split = prefix_tree::SplitConfig::OFF,
+                    Some(("split", v)) => {
+                        let keep = v
                             .parse::<f64>()
                             .ok()
                             .filter(|t| (0.0..=1.0).contains(t))
                             .ok_or_else(|| {
-                            SchedulerError::Config(format!(
-                                "`{name}`: relax takes `off` or a fraction in [0, 1]"
-                            ))
-                        })?;
-                        config.relax = prefix_tree::RelaxConfig {
+                                SchedulerError::Config(format!(
+                                    "`{name}`: split takes `off` or the sharing to keep, a fraction in [0, 1]"
+                                ))
+                            })?;
+                        config.split = prefix_tree::SplitConfig {
                             enabled: true,
-                            min_saving_fraction: threshold,
+                            keep_sharing: keep,
+                            ..prefix_tree::SplitConfig::default()
                         };
                     }
                     _ => {
                         return Err(SchedulerError::Config(format!(
-                            "`{name}`: unknown parameter `{param}` (relax=F|off)"
+                            "`{name}`: unknown parameter `{param}` (split=F|off)"
                         )))
                     }
                 }
             }
             return Ok(PolicyKind::BlendServe(config));
         }
+        let blend = |f: fn(&mut BlendServeConfig)| {
+            let mut config = BlendServeConfig::default();
+            f(&mut config);
+            PolicyKind::BlendServe(config)
+        };
         Ok(match name {
             "fcfs" | "vllm" => PolicyKind::Fcfs,
             "random" => PolicyKind::Random,
             "dfs" | "lpm" | "sglang" => PolicyKind::Dfs,
-            "blendserve" => PolicyKind::BlendServe(BlendServeConfig::default()),
-            "blendserve-norelax" => PolicyKind::BlendServe(BlendServeConfig {
-                relax: prefix_tree::RelaxConfig::OFF,
-                ..BlendServeConfig::default()
-            }),
-            "blendserve-noscan" => PolicyKind::BlendServe(BlendServeConfig {
-                dual_scan: false,
-                ..BlendServeConfig::default()
-            }),
-            "blendserve-flat" => PolicyKind::BlendServe(BlendServeConfig {
-                leaf_order: LeafOrder::FlatDensity,
-                ..BlendServeConfig::default()
-            }),
+            "blendserve" => blend(|_| {}),
+            "blendserve-nosplit" => blend(|c| c.split = prefix_tree::SplitConfig::OFF),
+            "blendserve-nomemsplit" => blend(|c| c.scan = ScanMode::Dual(SideRule::AdmittedDemand)),
+            "blendserve-noscan" => blend(|c| c.scan = ScanMode::Single),
+            "blendserve-flat" => blend(|c| c.leaf_order = LeafOrder::FlatDensity),
             _ => {
                 let mut known: Vec<&str> = Self::MAIN.to_vec();
                 known.extend_from_slice(&Self::ABLATIONS[1..]);
