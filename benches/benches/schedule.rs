@@ -57,6 +57,7 @@ fn steady_decode(c: &mut Criterion) {
                 prompt: vec![Chunk::new(i % 16, 512), Chunk::new(1 << 40 | i, 488)],
                 max_tokens: 100_000,
                 output_tokens: Some(100_000),
+                output_known: false,
                 source: 0,
             })
             .collect(),

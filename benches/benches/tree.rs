@@ -3,7 +3,9 @@
 
 use blendserve_benches::{h100_llama3_8b, trace_workload};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use prefix_tree::{dfs_order, resource_aware_order, ChildOrder, PrefixTree, RelaxConfig};
+use prefix_tree::{
+    dfs_order, resource_aware_order, split_outliers, ChildOrder, PrefixTree, SplitConfig,
+};
 use scheduler::{LengthKnowledge, PolicyInput, PolicyKind, Preparation};
 
 fn tree(c: &mut Criterion) {
@@ -27,7 +29,13 @@ fn tree(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("resource_aware_order", n),
             &prep,
-            |b, p| b.iter(|| resource_aware_order(&p.tree, &p.annotation, RelaxConfig::default())),
+            |b, p| {
+                b.iter(|| {
+                    let layout =
+                        split_outliers(&p.tree, &p.annotation, &perf, SplitConfig::default());
+                    resource_aware_order(&p.tree, &p.annotation, &layout)
+                })
+            },
         );
         // Everything a BlendServe run does before its first step: tree, sampled length
         // estimates, annotation, ordering and scanner.

@@ -66,7 +66,7 @@ enum Figure {
     Sharing,
     /// Percent of the optimal bound per workload and policy.
     Optimal,
-    /// BlendServe's parts: tree relaxation, dual scanner, tree vs flat order, balanced budget.
+    /// BlendServe's parts: node splitting, memory split, dual scanner, tree vs flat order, balanced budget.
     Ablation,
     /// Every simulator figure above.
     All,
@@ -423,7 +423,8 @@ fn ablation(lab: &Lab) -> Result<()> {
             policy: "blendserve",
             budget: fixed,
         },
-        Variant::plain("blendserve-norelax"),
+        Variant::plain("blendserve-nosplit"),
+        Variant::plain("blendserve-nomemsplit"),
         Variant::plain("blendserve-noscan"),
         Variant::plain("blendserve-flat"),
         Variant::plain("blendserve"),

@@ -17,8 +17,8 @@ use crate::table;
 pub struct SimArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
-    /// Policies: a comma list of fcfs, random, dfs, blendserve, blendserve-norelax,
-    /// blendserve-noscan, blendserve-flat; `all` for the main four, `ablation` for BlendServe's.
+    /// Policies: a comma list of fcfs, random, dfs, blendserve, blendserve-nosplit,
+    /// blendserve-nomemsplit, blendserve-noscan, blendserve-flat; `all` for the main four, `ablation` for BlendServe's.
     #[arg(long, default_value = "all")]
     pub policy: String,
     /// Model preset (llama3-8b, llama3-70b, llama2-7b, qwen2.5-7b, qwen2.5-1.5b, qwen2.5-0.5b).
@@ -75,6 +75,53 @@ pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig>
     Ok(config)
 }
 
+/// The workload, with the paper's presets (`paper-trace1`..`4`, `paper-grid:D:S`) solved for
+/// density on the chosen model and hardware.
+pub fn load_sim_workload(args: &SimArgs) -> Result<(workload::Workload, String)> {
+    let Some(name) = args.workload.workload.as_deref() else {
+        return args.workload.load();
+    };
+    if sim::paper::preset_target(name)?.is_none() {
+        return args.workload.load();
+    }
+    let config = build_sim_config(args, Executor::Sequential)?;
+    let mut perf = scheduler::PerfModel::new(config.model, config.hardware, config.executor);
+    let sched = &config.scheduler;
+    let blocks = perf.kv_capacity_blocks(
+        config.kv_memory_fraction,
+        sched.block_tokens,
+        sched.max_batch_tokens,
+    )?;
+    perf.set_decode_concurrency(
+        f64::from(blocks) * f64::from(sched.block_tokens),
+        sim::paper::TYPICAL_PROMPT_TOKENS,
+        sched.max_running,
+    );
+    let dir = args
+        .workload
+        .traces_dir
+        .clone()
+        .or_else(workload::traces::default_traces_dir)
+        .context("cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES")?;
+    let azure = workload::traces::NamedTrace::AzureConv.load(&dir)?;
+    let (workload, shape) = sim::paper::paper_workload(
+        name,
+        args.workload.requests,
+        args.workload.seed,
+        &perf,
+        &azure,
+    )?
+    .context("a preset")?;
+    tracing::info!(
+        "preset {name}: density {:.2}, prefix sharing {:.1}% on {} / {}",
+        shape.density,
+        100.0 * shape.sharing,
+        args.model,
+        args.hardware
+    );
+    Ok((workload, name.to_string()))
+}
+
 pub fn run_sim(args: &SimArgs) -> Result<()> {
     let policies = PolicyKind::parse_list(&args.policy)?;
     let executors: Vec<Executor> = args
@@ -82,7 +129,7 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
         .split(',')
         .map(|e| e.trim().parse::<Executor>())
         .collect::<Result<_, _>>()?;
-    let (workload, workload_name) = args.workload.load()?;
+    let (workload, workload_name) = load_sim_workload(args)?;
     if workload.is_empty() {
         bail!("the workload has no requests");
     }

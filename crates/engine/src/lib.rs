@@ -72,6 +72,7 @@ impl GenerationRequest {
             prompt: self.prompt.iter().map(|&t| Chunk::token(t)).collect(),
             max_tokens: self.stop.max_tokens.max(1),
             output_tokens,
+            output_known: false,
             source: 0,
         }
     }

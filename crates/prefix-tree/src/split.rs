@@ -146,11 +146,12 @@ pub fn split_outliers(
     let nodes = tree.nodes();
     let preorder = tree.preorder();
     let root_density = annotation.total().density();
-    let budget = ((1.0 - config.keep_sharing).max(0.0) * layout.report.saved_tokens_before as f64)
-        as u64;
+    let budget =
+        ((1.0 - config.keep_sharing).max(0.0) * layout.report.saved_tokens_before as f64) as u64;
     let mut spent = 0u64;
-    let prefix_demand =
-        |id: NodeId| model.prefill_demand(0, nodes[nodes[id as usize].parent as usize].depth_tokens);
+    let prefix_demand = |id: NodeId| {
+        model.prefill_demand(0, nodes[nodes[id as usize].parent as usize].depth_tokens)
+    };
     let mut top = vec![ROOT; nodes.len()];
     let mut chosen = vec![false; nodes.len()];
     for round in 0..config.max_rounds {
@@ -175,11 +176,14 @@ pub fn split_outliers(
             let (rho, rho_rest) = (own.density(), rest.density());
             let opposite = (rho - root_density) * (rho_rest - root_density) < 0.0;
             let ratio = (rho / rho_rest).max(rho_rest / rho);
-            if !opposite || !(ratio >= config.min_density_ratio) || !ratio.is_finite() {
+            let weight = own.compute_secs + own.memory_secs;
+            // An outlier is the minority of its surroundings; the majority stays put.
+            let minority = weight <= rest.compute_secs + rest.memory_secs;
+            if !opposite || !minority || !(ratio >= config.min_density_ratio) || !ratio.is_finite()
+            {
                 continue;
             }
             let cost = nodes[nodes[id as usize].parent as usize].depth_tokens;
-            let weight = own.compute_secs + own.memory_secs;
             candidates.push((ratio.ln() * weight / (cost as f64 + 1.0), id, cost));
         }
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -189,7 +193,11 @@ pub fn split_outliers(
             if spent + cost > budget {
                 continue;
             }
-            // Not below a node split this round: its surroundings just moved.
+            // One split per unit and round (the unit's density changes with it), and none below
+            // a node split this round (its surroundings just moved).
+            if chosen[top[id as usize] as usize] {
+                continue;
+            }
             let mut up = nodes[id as usize].parent;
             let mut clash = false;
             while up != ROOT && !layout.split[up as usize] {
@@ -203,6 +211,7 @@ pub fn split_outliers(
                 continue;
             }
             chosen[id as usize] = true;
+            chosen[top[id as usize] as usize] = true;
             layout.split[id as usize] = true;
             layout.split_nodes.push(id);
             spent += cost;
@@ -242,7 +251,11 @@ fn recompute_units(
     for &id in preorder.iter().rev() {
         let node = &nodes[id as usize];
         let mut total = annotation.edge[id as usize];
-        total += node.requests.iter().map(|&r| annotation.decode[r as usize]).sum();
+        total += node
+            .requests
+            .iter()
+            .map(|&r| annotation.decode[r as usize])
+            .sum();
         total += node
             .children
             .iter()

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use prefix_tree::{
-    dfs_order, flat_density_order, resource_aware_order, ChildOrder, Demand, DemandModel,
-    PrefixTree, RelaxConfig, ResourceAnnotation,
+    dfs_order, flat_density_order, resource_aware_order, split_outliers, ChildOrder, Demand,
+    DemandModel, PrefixTree, ResourceAnnotation, SplitConfig, TreeLayout,
 };
 use proptest::prelude::*;
 use workload::Chunk;
@@ -63,8 +63,14 @@ proptest! {
         assert_permutation(dfs_order(&tree, ChildOrder::AsBuilt), n);
         assert_permutation(dfs_order(&tree, ChildOrder::LargestFirst), n);
         let annotation = ResourceAnnotation::compute(&tree, &ToyModel, &|r| outs[r as usize]);
-        for relax in [RelaxConfig::OFF, RelaxConfig { enabled: true, min_saving_fraction: fraction }] {
-            assert_permutation(resource_aware_order(&tree, &annotation, relax).iter().map(|o| o.request), n);
+        for split in [SplitConfig::OFF, SplitConfig { keep_sharing: 1.0 - fraction, ..SplitConfig::default() }] {
+            let layout = split_outliers(&tree, &annotation, &ToyModel, split);
+            assert_permutation(resource_aware_order(&tree, &annotation, &layout).iter().map(|o| o.request), n);
+            // Splitting never costs more sharing than it was allowed to.
+            prop_assert!(layout.report.sharing_kept() >= split.keep_sharing - 1e-9,
+                "kept {} < {}", layout.report.sharing_kept(), split.keep_sharing);
+            prop_assert!(layout.report.requests_split <= n);
+            prop_assert_eq!(layout.split_nodes.len(), layout.report.nodes_split);
         }
         assert_permutation(flat_density_order(&annotation).iter().map(|o| o.request), n);
     }
@@ -136,7 +142,8 @@ fn resource_aware_order_puts_compute_heavy_first() {
     let outs = [2000u64, 2, 3000, 10];
     let tree = PrefixTree::build(&prompts);
     let annotation = ResourceAnnotation::compute(&tree, &ToyModel, &|r| outs[r as usize]);
-    let order: Vec<u32> = resource_aware_order(&tree, &annotation, RelaxConfig::OFF)
+    let layout = TreeLayout::unsplit(&tree, &annotation);
+    let order: Vec<u32> = resource_aware_order(&tree, &annotation, &layout)
         .iter()
         .map(|o| o.request)
         .collect();
@@ -144,26 +151,46 @@ fn resource_aware_order_puts_compute_heavy_first() {
 }
 
 #[test]
-fn relaxation_lets_children_of_a_weak_prefix_spread_out() {
-    // A 1-token shared prefix under two very different requests saves almost nothing: relaxed,
-    // its children sort among the root's other children; kept, they stay together.
-    let shared = Chunk::new(9, 1);
+fn splitting_moves_a_misplaced_request_to_its_kind() {
+    // Under one short shared prefix, three compute-heavy requests and one memory-heavy one (3);
+    // beside them a request in between (5) and an unrelated memory-heavy one (4). Unsplit, 3
+    // stays inside the compute-heavy subtree, ahead of 5; split (its 8-token prefix is well
+    // within 1% of the sharing of the big block below), it joins its kind behind 5.
+    let shared = Chunk::new(9, 8);
+    let big = Chunk::new(8, 50_000);
     let prompts = vec![
-        vec![shared, Chunk::new(1, 4000)], // compute-heavy
-        vec![shared, Chunk::new(2, 10)],   // memory-heavy
-        vec![Chunk::new(3, 1000)],         // in between
+        vec![shared, big, Chunk::new(1, 4000)],
+        vec![shared, big, Chunk::new(2, 4000)],
+        vec![shared, big, Chunk::new(3, 4000)],
+        vec![shared, Chunk::new(4, 10)],
+        vec![Chunk::new(5, 10)],
+        vec![Chunk::new(6, 1000)],
     ];
-    let outs = [2u64, 3000, 300];
+    let outs = [2u64, 2, 2, 5000, 6000, 300];
     let tree = PrefixTree::build(&prompts);
     let annotation = ResourceAnnotation::compute(&tree, &ToyModel, &|r| outs[r as usize]);
-    let kept: Vec<u32> = resource_aware_order(&tree, &annotation, RelaxConfig::OFF)
-        .iter()
-        .map(|o| o.request)
-        .collect();
-    let relaxed: Vec<u32> = resource_aware_order(&tree, &annotation, RelaxConfig::default())
-        .iter()
-        .map(|o| o.request)
-        .collect();
-    assert_eq!(relaxed, vec![0, 2, 1]);
-    assert!(kept == vec![0, 1, 2] || kept == vec![2, 0, 1], "{kept:?}");
+    let position = |layout: &TreeLayout, r: u32| -> usize {
+        resource_aware_order(&tree, &annotation, layout)
+            .iter()
+            .position(|o| o.request == r)
+            .unwrap()
+    };
+    let unsplit = TreeLayout::unsplit(&tree, &annotation);
+    assert!(position(&unsplit, 3) < position(&unsplit, 5));
+    let layout = split_outliers(&tree, &annotation, &ToyModel, SplitConfig::default());
+    assert_eq!(layout.report.nodes_split, 1);
+    assert_eq!(layout.report.requests_split, 1);
+    assert!(layout.report.sharing_kept() >= 0.99);
+    assert!(position(&layout, 3) > position(&layout, 5));
+    // With no sharing to spare, nothing is split.
+    let strict = SplitConfig {
+        keep_sharing: 1.0,
+        ..SplitConfig::default()
+    };
+    assert_eq!(
+        split_outliers(&tree, &annotation, &ToyModel, strict)
+            .report
+            .nodes_split,
+        0
+    );
 }

@@ -164,7 +164,8 @@ pub fn choose_length_sample(
 /// BlendServe's estimate from observed `(request, output tokens)` pairs: each request gets the
 /// mean observed length in the deepest prefix subtree holding at least `min_node_samples`
 /// observations (the root's mean at worst), clamped to `[1, max_tokens]`. With no observations,
-/// `max_tokens`.
+/// `max_tokens`. A request whose output length is known ([`workload::Request::output_known`])
+/// gets that length.
 pub fn estimate_from_samples(
     workload: &Workload,
     tree: &PrefixTree,
@@ -173,7 +174,7 @@ pub fn estimate_from_samples(
 ) -> Vec<u32> {
     let requests = &workload.requests;
     if observed.is_empty() {
-        return requests.iter().map(|r| r.max_tokens.max(1)).collect();
+        return estimate_output_tokens(workload, tree, LengthKnowledge::MaxTokens, 0);
     }
     let nodes = tree.nodes();
     let mut count = vec![0u32; nodes.len()];
@@ -205,6 +206,9 @@ pub fn estimate_from_samples(
         .iter()
         .enumerate()
         .map(|(r, req)| {
+            if req.output_known {
+                return req.sim_output_tokens();
+            }
             let node: NodeId = tree.leaf_of(r as u32);
             (estimate[node as usize].round() as u32).clamp(1, req.max_tokens.max(1))
         })
@@ -221,7 +225,16 @@ pub fn estimate_output_tokens(
     let requests = &workload.requests;
     match knowledge {
         LengthKnowledge::Known => requests.iter().map(|r| r.sim_output_tokens()).collect(),
-        LengthKnowledge::MaxTokens => requests.iter().map(|r| r.max_tokens.max(1)).collect(),
+        LengthKnowledge::MaxTokens => requests
+            .iter()
+            .map(|r| {
+                if r.output_known {
+                    r.sim_output_tokens()
+                } else {
+                    r.max_tokens.max(1)
+                }
+            })
+            .collect(),
         LengthKnowledge::Sampled {
             fraction,
             min_samples,
@@ -230,6 +243,12 @@ pub fn estimate_output_tokens(
             // Only requests whose length the sample run would reveal can be sampled.
             let observable: Vec<usize> = (0..requests.len())
                 .filter(|&i| requests[i].output_tokens.is_some())
+                .collect();
+            // Requests whose length is known need no sample, and are no sample of the others
+            // either (video lengths say nothing of chat answers beside them).
+            let observable: Vec<usize> = observable
+                .into_iter()
+                .filter(|&r| !requests[r].output_known)
                 .collect();
             let observed: Vec<(usize, u32)> =
                 choose_length_sample(observable.len(), fraction, min_samples, seed)

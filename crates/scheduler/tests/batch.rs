@@ -31,6 +31,7 @@ fn workload(rows: &[(u64, u32, u32)]) -> Workload {
                 ],
                 max_tokens: 2048,
                 output_tokens: Some(output),
+                output_known: false,
                 source: 0,
             })
             .collect(),
@@ -146,26 +147,29 @@ fn policy_names_parse_and_unknown_ones_list_the_known() {
             "random",
             "dfs",
             "blendserve",
-            "blendserve-norelax",
+            "blendserve-nosplit",
+            "blendserve-nomemsplit",
             "blendserve-noscan",
             "blendserve-flat"
         ]
     );
     let err = PolicyKind::parse("lifo").unwrap_err().to_string();
     assert!(err.contains("lifo") && err.contains("blendserve"), "{err}");
-    match PolicyKind::parse("blendserve@relax=0.05").unwrap() {
+    match PolicyKind::parse("blendserve@split=0.95").unwrap() {
         PolicyKind::BlendServe(c) => {
-            assert!(c.relax.enabled && (c.relax.min_saving_fraction - 0.05).abs() < 1e-12)
+            assert!(c.split.enabled && (c.split.keep_sharing - 0.95).abs() < 1e-12)
         }
         other => panic!("{other:?}"),
     }
-    match PolicyKind::parse("blendserve-noscan@relax=off").unwrap() {
-        PolicyKind::BlendServe(c) => assert!(!c.relax.enabled && !c.dual_scan),
+    match PolicyKind::parse("blendserve-noscan@split=off").unwrap() {
+        PolicyKind::BlendServe(c) => {
+            assert!(!c.split.enabled && c.scan == scheduler::policy::ScanMode::Single)
+        }
         other => panic!("{other:?}"),
     }
-    assert!(PolicyKind::parse("blendserve@relax=2").is_err());
+    assert!(PolicyKind::parse("blendserve@split=2").is_err());
     assert!(PolicyKind::parse("blendserve@speed=11").is_err());
-    assert!(PolicyKind::parse("fcfs@relax=0.1")
+    assert!(PolicyKind::parse("fcfs@split=0.1")
         .unwrap_err()
         .to_string()
         .contains("no parameters"));

@@ -6,6 +6,8 @@
 //!
 //! Must not touch: scheduling decisions (all in the scheduler crate) or any GPU code.
 
+pub mod paper;
+
 use std::time::Instant;
 
 use kv_cache::KvCacheConfig;
@@ -265,7 +267,15 @@ impl<'w> Simulation<'w> {
                 },
                 true,
             ) => {
-                let mut chosen = choose_length_sample(n, fraction, min_samples, self.config.seed);
+                // Requests whose length is known (video generation) need no sample run.
+                let unknown: Vec<usize> = (0..n)
+                    .filter(|&i| !self.workload.requests[i].output_known)
+                    .collect();
+                let mut chosen: Vec<usize> =
+                    choose_length_sample(unknown.len(), fraction, min_samples, self.config.seed)
+                        .into_iter()
+                        .map(|k| unknown[k])
+                        .collect();
                 chosen.sort_unstable();
                 let sample = self.subset(&chosen);
                 let estimates = sample

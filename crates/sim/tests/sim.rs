@@ -22,6 +22,7 @@ fn request(id: usize, prompt: Vec<Chunk>, output: u32) -> Request {
         prompt,
         max_tokens: 4096,
         output_tokens: Some(output),
+        output_known: false,
         source: 0,
     }
 }

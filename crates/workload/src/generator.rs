@@ -353,6 +353,7 @@ pub fn generate(
                     prompt,
                     max_tokens: config.max_tokens.max(record.output_tokens),
                     output_tokens: Some(record.output_tokens),
+                    output_known: false,
                     source,
                 });
                 drawn += 1;
@@ -484,6 +485,7 @@ pub fn trace_in_file_order(name: &str, records: &[TraceRecord]) -> Workload {
             prompt: build_prompt(record, 0, 0, None, &mut rng, &mut ids),
             max_tokens: DEFAULT_MAX_TOKENS.max(record.output_tokens),
             output_tokens: Some(record.output_tokens),
+            output_known: false,
             source,
         });
     }

@@ -12,6 +12,7 @@ mod chunk;
 mod error;
 pub mod generator;
 pub mod native;
+pub mod paper;
 mod spec;
 pub mod traces;
 
@@ -33,6 +34,10 @@ pub struct Request {
     /// The true number of generated tokens when the source records it (traces). The simulator uses
     /// it as ground truth; schedulers may look at it only when told lengths are known.
     pub output_tokens: Option<u32>,
+    /// The output length is known before the run (image and video generation: it follows from
+    /// the resolution and frame count asked for), so a scheduler may use `output_tokens` as is.
+    #[serde(default)]
+    pub output_known: bool,
     /// Index into [`Workload::sources`]: which trace or file this request came from.
     pub source: u16,
 }

@@ -32,6 +32,9 @@ struct NativeLine {
     max_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     output_tokens: Option<u32>,
+    /// `output_tokens` is known before the run (video generation), not only recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    output_known: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<String>,
 }
@@ -88,6 +91,9 @@ impl NativeParser {
         if line.max_tokens == 0 {
             return Err("max_tokens must be at least 1".into());
         }
+        if line.output_known && line.output_tokens.is_none() {
+            return Err("output_known needs output_tokens (the length that is known)".into());
+        }
         let prompt = match (line.prompt_token_ids, line.prompt_tokens) {
             (Some(_), Some(_)) => {
                 return Err("give either prompt_token_ids or prompt_tokens, not both".into())
@@ -113,6 +119,7 @@ impl NativeParser {
             prompt,
             max_tokens: line.max_tokens,
             output_tokens: line.output_tokens,
+            output_known: line.output_known,
             source,
         });
         Ok(())
@@ -199,6 +206,7 @@ pub fn write_native_jsonl(workload: &Workload, out: &mut impl Write) -> std::io:
             prefix,
             max_tokens: request.max_tokens,
             output_tokens: request.output_tokens,
+            output_known: request.output_known,
             source: workload.sources.get(usize::from(request.source)).cloned(),
         };
         serde_json::to_writer(&mut *out, &line)?;

@@ -35,6 +35,9 @@ impl WorkloadSpec {
             }
             return Ok((workload, None));
         }
+        if crate::paper::PaperMix::is_paper_mix(&self.source) {
+            return Ok((self.load_paper_mix()?, None));
+        }
         let mix = parse_mix(&self.source).map_err(|e| match e {
             WorkloadError::Spec(m) => WorkloadError::Spec(format!(
                 "`{}` is neither a file nor a trace mix: {m}",
@@ -42,16 +45,7 @@ impl WorkloadSpec {
             )),
             other => other,
         })?;
-        let dir = self
-            .traces_dir
-            .clone()
-            .or_else(default_traces_dir)
-            .ok_or_else(|| {
-                WorkloadError::Spec(
-                    "cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES"
-                        .into(),
-                )
-            })?;
+        let dir = self.traces_dir()?;
         let pools = TracePools::load_for_mix(&dir, &mix)?;
         let config = GeneratorConfig {
             mix,
@@ -63,5 +57,33 @@ impl WorkloadSpec {
         };
         let (workload, report) = generate(&config, &pools)?;
         Ok((workload, Some(report)))
+    }
+
+    fn traces_dir(&self) -> Result<PathBuf, WorkloadError> {
+        self.traces_dir
+            .clone()
+            .or_else(default_traces_dir)
+            .ok_or_else(|| {
+                WorkloadError::Spec(
+                    "cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES"
+                        .into(),
+                )
+            })
+    }
+
+    /// A mix of the paper's synthetic parts (`burstgpt=1,mmlu=1,openvid=0.1`).
+    fn load_paper_mix(&self) -> Result<Workload, WorkloadError> {
+        use crate::paper::{generate_paper, PaperMix, PaperPart};
+        let mix = PaperMix::parse(&self.source)?;
+        let azure = if mix
+            .parts
+            .iter()
+            .any(|&(p, w)| p == PaperPart::BurstGpt && w > 0.0)
+        {
+            crate::traces::NamedTrace::AzureConv.load(&self.traces_dir()?)?
+        } else {
+            Vec::new()
+        };
+        generate_paper(&mix, self.requests, self.seed, &azure)
     }
 }

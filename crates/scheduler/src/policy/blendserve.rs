@@ -3,7 +3,7 @@ use prefix_tree::{
     SplitReport, TreeLayout,
 };
 
-use super::dual_scanner::{RequestShape, SideRule};
+use super::dual_scanner::{RequestShape, SideRule, StepMemory};
 use super::{BatchView, DualScanner, Policy, PolicyInput};
 use crate::{Executor, TokenBudget};
 
@@ -90,9 +90,15 @@ impl BlendServePolicy {
             ScanMode::Dual(rule) => rule,
             ScanMode::Single => SideRule::FrontOnly,
         };
+        let bandwidth = input.perf.hardware.effective_bytes_per_sec();
+        let model = &input.perf.model;
+        let step_memory = StepMemory {
+            kv_secs_per_token: model.kv_bytes_per_token() as f64 / bandwidth,
+            weight_secs: model.weight_bytes_per_step() as f64 / bandwidth,
+        };
         BlendServePolicy {
             name: config.name().to_string(),
-            scanner: DualScanner::new(order, shape, rule),
+            scanner: DualScanner::new(order, shape, rule, step_memory),
             overlapping_executor: input.perf.executor != Executor::Sequential,
             split_report: layout.report,
         }
@@ -108,29 +114,33 @@ impl Policy for BlendServePolicy {
     fn name(&self) -> &str {
         &self.name
     }
-    fn next(&mut self, _view: &BatchView) -> Option<RequestIndex> {
-        self.scanner.pick()
+    fn next(&mut self, view: &BatchView) -> Option<RequestIndex> {
+        self.scanner.pick(view.kv_capacity_tokens as f64)
     }
     fn remaining(&self) -> usize {
         self.scanner.remaining()
     }
     fn preferred_budget(&self) -> TokenBudget {
-        // With overlap, prefill paced so that memory stays full at the workload's density (or
-        // the old balance rule for the ablation without the memory split). Without overlap,
-        // pacing buys nothing and costs weight passes: fill the budget. See experiments/NOTES.md.
-        match (self.overlapping_executor, self.scanner.rule()) {
-            (false, _) => TokenBudget::Fixed,
-            (true, SideRule::AdmittedDemand) => TokenBudget::Balanced {
+        // With overlap, each step at the hardware's balance point: the memory split decides the
+        // mix, the balance rule the size. (The paper's steady-state pace, `--token-budget paced`,
+        // made steps long enough that the longest decodes ran on alone at the end, and filled
+        // memory until admission stalled; aiming at the workload's own density was worse too.)
+        // Without overlap, balancing buys nothing and costs weight passes: fill the budget. See
+        // experiments/NOTES.md.
+        if self.overlapping_executor {
+            TokenBudget::Balanced {
                 target_density: 1.0,
                 min_prefill_tokens: 64,
-            },
-            (true, _) => TokenBudget::Paced {
-                min_prefill_tokens: 64,
-            },
+            }
+        } else {
+            TokenBudget::Fixed
         }
     }
     fn prefill_pace_tokens(&self, view: &BatchView) -> Option<u64> {
-        Some(self.scanner.prefill_pace_tokens(view.kv_capacity_tokens as f64) as u64)
+        Some(
+            self.scanner
+                .prefill_pace_tokens(view.kv_capacity_tokens as f64) as u64,
+        )
     }
     fn on_finished(&mut self, r: RequestIndex) {
         self.scanner.finished(r);

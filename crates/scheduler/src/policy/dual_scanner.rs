@@ -18,6 +18,11 @@ impl RequestShape {
     pub fn mean_kv_tokens(&self) -> f64 {
         self.prompt_tokens + self.output_tokens / 2.0
     }
+
+    /// KV tokens it holds at its end (prompt plus output).
+    pub fn peak_kv_tokens(&self) -> f64 {
+        self.prompt_tokens + self.output_tokens
+    }
 }
 
 /// How the scanner decides which end the next request comes from.
@@ -33,7 +38,20 @@ pub enum SideRule {
     FrontOnly,
 }
 
-/// Which end a handed-out request came from, and the memory it is counted for.
+/// What one step costs the memory system, for the memory split: every KV token held is read
+/// once a step, and the weights once.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepMemory {
+    /// Seconds a step spends reading one held KV token.
+    pub kv_secs_per_token: f64,
+    /// Seconds a step spends reading the weights.
+    pub weight_secs: f64,
+}
+
+/// Which end a handed-out request came from, and the memory it is counted for: its peak, prompt
+/// plus output. (The paper's steady-state mean, `p + d/2`, overfilled the cache: requests
+/// admitted together grow together, and the memory-heavy end, admitted first, crowded the other
+/// out; measured in experiments/NOTES.md.)
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Lane {
     side: usize,
@@ -51,9 +69,10 @@ const WINDOW: usize = 64;
 ///
 /// One cursor walks forward from the front, the other backward from the back; each is a DFS of
 /// its part of the tree, so each keeps prefix locality. Which end goes next follows a
-/// [`SideRule`]. Under the memory split the scanner also paces prefill: each end's share of KV
-/// memory holds `N = M_side / (p + d/2)` requests, which finish at `N / d` a step, so the step
-/// needs `N p' / d` prefill tokens (`p'` the tokens a request computes itself) to stay full.
+/// [`SideRule`]. Under the memory split the scanner can also pace prefill, as the paper does:
+/// each end's share of KV memory holds `N = M_side / (p + d/2)` requests, which finish at
+/// `N / (d + 1)` a step, so the step needs `N p' / (d + 1)` prefill tokens (`p'` the tokens a
+/// request computes itself) to stay full.
 #[derive(Clone, Debug)]
 pub struct DualScanner {
     order: Vec<OrderedRequest>,
@@ -69,11 +88,17 @@ pub struct DualScanner {
     lanes: Vec<Option<Lane>>,
     /// KV tokens counted to each end's running requests.
     load_kv_tokens: [f64; 2],
+    step_memory: StepMemory,
 }
 
 impl DualScanner {
     /// `shape[r]` describes request `r` (indexed by request, not by position in `order`).
-    pub fn new(order: Vec<OrderedRequest>, shape: Vec<RequestShape>, rule: SideRule) -> Self {
+    pub fn new(
+        order: Vec<OrderedRequest>,
+        shape: Vec<RequestShape>,
+        rule: SideRule,
+        step_memory: StepMemory,
+    ) -> Self {
         let total: Demand = order.iter().map(|o| o.demand).sum();
         let mut sums = Vec::with_capacity(order.len() + 1);
         let mut acc = [0.0; 5];
@@ -100,6 +125,7 @@ impl DualScanner {
             shape,
             lanes,
             load_kv_tokens: [0.0; 2],
+            step_memory,
         }
     }
 
@@ -136,47 +162,62 @@ impl DualScanner {
         (w, (hi - lo) as f64)
     }
 
-    /// The front's share of KV memory: `(rho - rho_R) / (rho_L - rho_R)`, clamped to [0, 1].
-    pub fn front_share(&self) -> f64 {
+    /// Per end: compute seconds a step gets per KV token its running requests hold (a request
+    /// delivers its compute over the `d + 1` steps it lives and holds `p + d/2` tokens on
+    /// average), and the window's mean shape.
+    fn side_rate(&self, side: usize) -> Option<(f64, RequestShape)> {
+        let (w, n) = self.window(side);
+        if n == 0.0 {
+            return None;
+        }
+        let shape = RequestShape {
+            prompt_tokens: w[0] / n,
+            prefill_tokens: w[1] / n,
+            output_tokens: w[2] / n,
+        };
+        let lifetime_steps = shape.output_tokens + 1.0;
+        let rate = w[3] / n / lifetime_steps / shape.mean_kv_tokens().max(1.0);
+        Some((rate, shape))
+    }
+
+    /// The front's share of KV memory. With the cache full (`M` tokens), a step reads
+    /// `W + M h` (weights, and `h` per held token) and computes `M_L g_L + M_R g_R` (`g` each
+    /// end's compute per held token); the share puts the step at the workload's density `rho`:
+    /// `M_L = (rho (W + M h) - M g_R) / (g_L - g_R)`, clamped to [0, M]. This is the paper's
+    /// `M_L rho_L + M_R rho_R = M rho` with each end's density taken per token held, so that
+    /// requests that hold memory briefly (short outputs) are not undercounted.
+    pub fn front_share(&self, kv_capacity_tokens: f64) -> f64 {
         if !self.target_density.is_finite() || self.rule == SideRule::FrontOnly {
             return 1.0;
         }
-        let density = |w: [f64; 5]| Demand::new(w[3], w[4]).density();
-        let rho_l = density(self.window(FRONT).0);
-        let rho_r = density(self.window(BACK).0);
-        let rho = self.target_density;
-        if rho_l <= rho {
+        let (Some((g_l, _)), Some((g_r, _))) = (self.side_rate(FRONT), self.side_rate(BACK)) else {
+            return 1.0;
+        };
+        let m = kv_capacity_tokens.max(1.0);
+        let mem = &self.step_memory;
+        let wanted = self.target_density * (mem.weight_secs / m + mem.kv_secs_per_token);
+        if g_l <= wanted || g_l <= g_r {
             return 1.0;
         }
-        if rho_r >= rho {
-            return 0.0;
-        }
-        ((rho - rho_r) / (rho_l - rho_r)).clamp(0.0, 1.0)
+        ((wanted - g_r) / (g_l - g_r)).clamp(0.0, 1.0)
     }
 
-    /// Prefill tokens per step that keep both ends' shares of `kv_capacity_tokens` full at steady
-    /// state (see the type's doc).
-    ///
-    /// Only a memory-bound workload (density below 1) is paced: it needs memory full so that each
-    /// weight pass serves as many decodes as possible. A compute-bound one needs its arithmetic
-    /// busy instead, and filling memory would stall admission on KV room and idle it (measured:
-    /// experiments/NOTES.md), so it gets 0 here and the step's balance rule alone.
+    /// Prefill tokens per step that keep both ends' shares of the cache full at steady state
+    /// (see the type's doc): each end holds `N = M_side / (p + d/2)` requests, which finish at
+    /// `N / (d + 1)` a step. Read only under the paced token budget, which BlendServe does not
+    /// choose by itself (experiments/NOTES.md says why).
     pub fn prefill_pace_tokens(&self, kv_capacity_tokens: f64) -> f64 {
-        if self.front >= self.back || self.target_density >= 1.0 {
+        if self.front >= self.back {
             return 0.0;
         }
-        let f = self.front_share();
+        let f = self.front_share(kv_capacity_tokens);
         [(FRONT, f), (BACK, 1.0 - f)]
             .into_iter()
             .filter(|&(_, share)| share > 0.0)
-            .map(|(side, share)| {
-                let (w, n) = self.window(side);
-                if n == 0.0 {
-                    return 0.0;
-                }
-                let (p, u, d) = (w[0] / n, w[1] / n, (w[2] / n).max(1.0));
-                let running = share * kv_capacity_tokens / (p + d / 2.0).max(1.0);
-                running * u / d
+            .filter_map(|(side, share)| {
+                let (_, shape) = self.side_rate(side)?;
+                let running = share * kv_capacity_tokens / shape.mean_kv_tokens().max(1.0);
+                Some(running * shape.prefill_tokens / (shape.output_tokens + 1.0))
             })
             .sum()
     }
@@ -185,7 +226,7 @@ impl DualScanner {
         self.rule
     }
 
-    fn take_front(&self) -> bool {
+    fn take_front(&self, kv_capacity_tokens: f64) -> bool {
         match self.rule {
             SideRule::FrontOnly => true,
             SideRule::AdmittedDemand => {
@@ -193,20 +234,27 @@ impl DualScanner {
                     || !self.target_density.is_finite()
             }
             SideRule::MemorySplit => {
-                let f = self.front_share();
-                let total = self.load_kv_tokens[FRONT] + self.load_kv_tokens[BACK] + 1.0;
-                let deficit_front = f * total - self.load_kv_tokens[FRONT];
-                let deficit_back = (1.0 - f) * total - self.load_kv_tokens[BACK];
+                // Each end fills its own share of the whole cache (M_L + M_R = M), whatever the
+                // other end holds; the end further below its share goes next.
+                let f = self.front_share(kv_capacity_tokens);
+                let m = kv_capacity_tokens.max(1.0);
+                let deficit_front = f * m - self.load_kv_tokens[FRONT];
+                let deficit_back = (1.0 - f) * m - self.load_kv_tokens[BACK];
                 deficit_front > deficit_back || (deficit_front == deficit_back && f >= 0.5)
             }
         }
     }
 
-    pub fn pick(&mut self) -> Option<RequestIndex> {
+    /// The next request, for a cache of `kv_capacity_tokens` tokens.
+    pub fn pick(&mut self, kv_capacity_tokens: f64) -> Option<RequestIndex> {
         if self.front >= self.back {
             return None;
         }
-        let side = if self.take_front() { FRONT } else { BACK };
+        let side = if self.take_front(kv_capacity_tokens) {
+            FRONT
+        } else {
+            BACK
+        };
         let picked = if side == FRONT {
             self.front += 1;
             self.order[self.front - 1]
@@ -217,7 +265,7 @@ impl DualScanner {
         self.admitted += picked.demand;
         let r = picked.request as usize;
         if let Some(shape) = self.shape.get(r) {
-            let kv_tokens = shape.mean_kv_tokens();
+            let kv_tokens = shape.peak_kv_tokens();
             self.load_kv_tokens[side] += kv_tokens;
             self.lanes[r] = Some(Lane { side, kv_tokens });
         }
@@ -227,20 +275,22 @@ impl DualScanner {
     /// Request `r` finished: its end's memory is free again.
     pub fn finished(&mut self, r: RequestIndex) {
         if let Some(lane) = self.lanes.get_mut(r as usize).and_then(Option::take) {
-            self.load_kv_tokens[lane.side] = (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
+            self.load_kv_tokens[lane.side] =
+                (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
         }
     }
 
     /// Request `r` outran its estimated output: it is memory-heavy after all, so it is counted to
-    /// the back from now on, for its whole prompt plus output (it holds at least that).
+    /// the back from now on, for its prompt plus twice its estimated output.
     pub fn overran(&mut self, r: RequestIndex) {
         let Some(shape) = self.shape.get(r as usize).copied() else {
             return;
         };
         if let Some(lane) = self.lanes.get_mut(r as usize).and_then(Option::as_mut) {
-            self.load_kv_tokens[lane.side] = (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
+            self.load_kv_tokens[lane.side] =
+                (self.load_kv_tokens[lane.side] - lane.kv_tokens).max(0.0);
             lane.side = BACK;
-            lane.kv_tokens = shape.prompt_tokens + shape.output_tokens;
+            lane.kv_tokens = shape.prompt_tokens + 2.0 * shape.output_tokens;
             self.load_kv_tokens[BACK] += lane.kv_tokens;
         }
     }
@@ -292,7 +342,11 @@ mod tests {
         order.extend((100..200).map(|i| req(i, 0.096, 1.0)));
         let mut s = DualScanner::new(order, shapes(200, 100.0, 100.0), SideRule::MemorySplit);
         s.target_density = 1.27;
-        assert!((s.front_share() * 60.0 - 19.3).abs() < 0.1, "{}", s.front_share());
+        assert!(
+            (s.front_share() * 60.0 - 19.3).abs() < 0.1,
+            "{}",
+            s.front_share()
+        );
     }
 
     #[test]
@@ -323,6 +377,14 @@ mod tests {
         assert_eq!(s.load_kv_tokens()[0], 0.0);
         let next = s.pick().unwrap();
         assert!(next < 500, "{next}");
-        assert!(s.prefill_pace_tokens(1e6) > 0.0);
+        // This workload is compute-bound: no pace, the balance rule alone. A memory-bound one
+        // is paced to keep memory full: both ends' requests replaced as they finish.
+        assert!(s.target_density() > 1.0);
+        assert_eq!(s.prefill_pace_tokens(1e6), 0.0);
+        s.target_density = 0.5;
+        let f = s.front_share();
+        // Front: 1000-token prompts, 50 out; back: 100 and 2000. N = f M / (p + d/2).
+        let expected = f * 1e6 / 1025.0 * 1000.0 / 50.0 + (1.0 - f) * 1e6 / 1100.0 * 100.0 / 2000.0;
+        assert!((s.prefill_pace_tokens(1e6) / expected - 1.0).abs() < 1e-9);
     }
 }
