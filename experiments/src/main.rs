@@ -8,11 +8,13 @@
 //! cargo run --release -p experiments -- sharing
 //! cargo run --release -p experiments -- optimal
 //! cargo run --release -p experiments -- ablation
+//! cargo run --release -p experiments -- paper
 //! cargo run --release -p experiments -- all
 //! cargo run --release -p experiments -- gpu
 //! ```
 
 mod gpu;
+mod paper;
 mod plot;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +70,16 @@ enum Figure {
     Optimal,
     /// BlendServe's parts: node splitting, memory split, dual scanner, tree vs flat order, balanced budget.
     Ablation,
+    /// The paper's evaluation: traces #1-#4 on a100/h100/h200 under sum, partial and max,
+    /// prefix sharing kept, the 65-workload grid, the ablations; the paper's numbers beside ours.
+    Paper {
+        /// Requests per trace (the paper ran >= 400,000).
+        #[arg(long, default_value_t = 100_000)]
+        trace_requests: usize,
+        /// Requests per grid workload (the paper's A.3: 40,000).
+        #[arg(long, default_value_t = 40_000)]
+        grid_requests: usize,
+    },
     /// Every simulator figure above.
     All,
     /// The device measurements in experiments/gpu: kernels against torch, step executors,
@@ -493,6 +505,10 @@ fn main() -> Result<()> {
         Figure::Optimal => &[optimal],
         Figure::Ablation => &[ablation],
         Figure::All => &[density_mix, sharing, optimal, ablation],
+        Figure::Paper {
+            trace_requests,
+            grid_requests,
+        } => return paper::paper(&lab, trace_requests, grid_requests),
         Figure::Gpu => unreachable!("drawn above"),
     };
     for figure in run {

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
@@ -146,6 +147,82 @@ pub fn grouped_bars(
         .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// A grid of cells coloured by value (white at `low`, dark blue at `high`), each labelled with
+/// its value; `x_values` run left to right, `y_values` bottom to top, `cells[y][x]`.
+pub struct Heatmap<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub x_values: &'a [f64],
+    pub y_values: &'a [f64],
+    pub cells: &'a [Vec<f64>],
+    pub low: f64,
+    pub high: f64,
+}
+
+pub fn heatmap(path: &Path, h: &Heatmap<'_>) -> Result<()> {
+    let root = SVGBackend::new(path, (1100, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (nx, ny) = (h.x_values.len() as i32, h.y_values.len() as i32);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(h.title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0..nx - 1).into_segmented(), (0..ny - 1).into_segmented())
+        .map_err(|e| anyhow!("{e}"))?;
+    let xs = h.x_values.to_vec();
+    let ys = h.y_values.to_vec();
+    let label = |values: Vec<f64>| {
+        move |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) => values
+                .get(*i as usize)
+                .map_or(String::new(), |v| format!("{v:.2}")),
+            _ => String::new(),
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(nx as usize)
+        .y_labels(ny as usize)
+        .x_label_formatter(&label(xs))
+        .y_label_formatter(&label(ys))
+        .x_desc(h.x_label)
+        .y_desc(h.y_label)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    let span = (h.high - h.low).max(1e-9);
+    for (y, row) in h.cells.iter().enumerate() {
+        for (x, &v) in row.iter().enumerate() {
+            let t = ((v - h.low) / span).clamp(0.0, 1.0);
+            let shade = |c: f64| (255.0 - t * (255.0 - c)) as u8;
+            let fill = RGBColor(shade(31.0), shade(80.0), shade(180.0));
+            let (x, y) = (x as i32, y as i32);
+            let corner = |x: i32, y: i32| (SegmentValue::Exact(x), SegmentValue::Exact(y));
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [corner(x, y), corner(x + 1, y + 1)],
+                    fill.filled(),
+                )))
+                .map_err(|e| anyhow!("{e}"))?;
+            let ink = if t > 0.55 { WHITE } else { BLACK };
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{v:.2}"),
+                    (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                    ("sans-serif", 14)
+                        .into_font()
+                        .color(&ink)
+                        .pos(Pos::new(HPos::Center, VPos::Center)),
+                )))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+    }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }

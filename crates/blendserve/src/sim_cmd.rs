@@ -76,15 +76,20 @@ pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig>
 }
 
 /// The workload, with the paper's presets (`paper-trace1`..`4`, `paper-grid:D:S`) solved for
-/// density on the chosen model and hardware.
-pub fn load_sim_workload(args: &SimArgs) -> Result<(workload::Workload, String)> {
-    let Some(name) = args.workload.workload.as_deref() else {
-        return args.workload.load();
+/// density on the given model and hardware.
+pub fn load_workload(
+    args: &WorkloadArgs,
+    model: &str,
+    hardware: &str,
+    overrides: Option<&std::path::Path>,
+) -> Result<(workload::Workload, String)> {
+    let Some(name) = args.workload.as_deref() else {
+        return args.load();
     };
     if sim::paper::preset_target(name)?.is_none() {
-        return args.workload.load();
+        return args.load();
     }
-    let config = build_sim_config(args, Executor::Sequential)?;
+    let config = SimConfig::from_presets(model, hardware, overrides, Executor::Sequential)?;
     let mut perf = scheduler::PerfModel::new(config.model, config.hardware, config.executor);
     let sched = &config.scheduler;
     let blocks = perf.kv_capacity_blocks(
@@ -98,26 +103,18 @@ pub fn load_sim_workload(args: &SimArgs) -> Result<(workload::Workload, String)>
         sched.max_running,
     );
     let dir = args
-        .workload
         .traces_dir
         .clone()
         .or_else(workload::traces::default_traces_dir)
         .context("cannot find the traces folder: pass --traces-dir or set BLENDSERVE_TRACES")?;
     let azure = workload::traces::NamedTrace::AzureConv.load(&dir)?;
-    let (workload, shape) = sim::paper::paper_workload(
-        name,
-        args.workload.requests,
-        args.workload.seed,
-        &perf,
-        &azure,
-    )?
-    .context("a preset")?;
+    let (workload, shape) =
+        sim::paper::paper_workload(name, args.requests, args.seed, &perf, &azure)?
+            .context("a preset")?;
     tracing::info!(
-        "preset {name}: density {:.2}, prefix sharing {:.1}% on {} / {}",
+        "preset {name}: density {:.2}, prefix sharing {:.1}% on {model} / {hardware}",
         shape.density,
         100.0 * shape.sharing,
-        args.model,
-        args.hardware
     );
     Ok((workload, name.to_string()))
 }
@@ -129,7 +126,12 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
         .split(',')
         .map(|e| e.trim().parse::<Executor>())
         .collect::<Result<_, _>>()?;
-    let (workload, workload_name) = load_sim_workload(args)?;
+    let (workload, workload_name) = load_workload(
+        &args.workload,
+        &args.model,
+        &args.hardware,
+        args.config.as_deref(),
+    )?;
     if workload.is_empty() {
         bail!("the workload has no requests");
     }
@@ -267,7 +269,7 @@ pub struct InspectArgs {
 }
 
 pub fn run_inspect(args: &InspectArgs) -> Result<()> {
-    let (workload, name) = args.workload.load()?;
+    let (workload, name) = load_workload(&args.workload, &args.model, &args.hardware, None)?;
     let mut config =
         SimConfig::from_presets(&args.model, &args.hardware, None, Executor::Overlapped)?;
     config.lengths = LengthKnowledge::Known;
@@ -288,6 +290,18 @@ pub fn run_inspect(args: &InspectArgs) -> Result<()> {
         "prefix tree   {} nodes, sharing ratio {:.1}%",
         p.tree.nodes().len(),
         100.0 * p.tree.sharing_ratio()
+    );
+    let split = prefix_tree::split_outliers(
+        &p.tree,
+        &p.annotation,
+        simulation.perf(),
+        prefix_tree::SplitConfig::default(),
+    );
+    println!(
+        "node split    {} nodes ({} requests) moved to the root, {:.2}% of the sharing kept",
+        split.report.nodes_split,
+        split.report.requests_split,
+        100.0 * split.report.sharing_kept()
     );
     let total = p.annotation.total();
     println!(

@@ -179,8 +179,8 @@ pub fn split_outliers(
             let weight = own.compute_secs + own.memory_secs;
             // An outlier is the minority of its surroundings; the majority stays put.
             let minority = weight <= rest.compute_secs + rest.memory_secs;
-            if !opposite || !minority || !(ratio >= config.min_density_ratio) || !ratio.is_finite()
-            {
+            let far_apart = ratio.is_finite() && ratio >= config.min_density_ratio;
+            if !(opposite && minority && far_apart) {
                 continue;
             }
             let cost = nodes[nodes[id as usize].parent as usize].depth_tokens;

@@ -13,7 +13,7 @@ mod random;
 
 pub use blendserve::{BlendServeConfig, BlendServePolicy, LeafOrder, ScanMode};
 pub use dfs::dfs_policy;
-pub use dual_scanner::{DualScanner, RequestShape, SideRule};
+pub use dual_scanner::{DualScanner, RequestShape, SideRule, StepMemory};
 pub use fcfs::fcfs_policy;
 pub use random::random_policy;
 
