@@ -228,7 +228,7 @@ impl Lab {
         Ok(rows)
     }
 
-    fn write_csv(&self, name: &str, rows: &[Row]) -> Result<PathBuf> {
+    fn write_csv<T: Serialize>(&self, name: &str, rows: &[T]) -> Result<PathBuf> {
         let path = self.out_dir.join(format!("{name}.csv"));
         let mut w = csv::Writer::from_path(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;

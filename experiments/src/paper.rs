@@ -7,9 +7,9 @@
 
 use anyhow::{Context, Result};
 use prefix_tree::{split_outliers, SplitConfig};
-use scheduler::{Executor, LengthKnowledge, PerfModel, PolicyKind};
+use scheduler::{Executor, LengthKnowledge, PolicyKind};
 use serde::Serialize;
-use sim::paper::{paper_grid, paper_workload, PAPER_TRACES, TYPICAL_PROMPT_TOKENS};
+use sim::paper::{paper_grid, paper_workload, pricing_model, PAPER_TRACES};
 use sim::{SimConfig, Simulation};
 use workload::traces::{default_traces_dir, NamedTrace, TraceRecord};
 use workload::Workload;
@@ -105,18 +105,7 @@ fn prepare(
     requests: usize,
 ) -> Result<Prepared> {
     let config = SimConfig::from_presets(&lab.common.model, hardware, None, Executor::Sequential)?;
-    let mut perf = PerfModel::new(config.model, config.hardware, Executor::Sequential);
-    let s = &config.scheduler;
-    let blocks = perf.kv_capacity_blocks(
-        config.kv_memory_fraction,
-        s.block_tokens,
-        s.max_batch_tokens,
-    )?;
-    perf.set_decode_concurrency(
-        f64::from(blocks) * f64::from(s.block_tokens),
-        TYPICAL_PROMPT_TOKENS,
-        s.max_running,
-    );
+    let perf = pricing_model(&config)?;
     let (workload, shape) = paper_workload(name, requests, lab.common.seed, &perf, azure)?
         .with_context(|| format!("preset {name}"))?;
     Ok(Prepared {
@@ -203,14 +192,7 @@ fn run(
 }
 
 fn write_csv(lab: &Lab, name: &str, rows: &[PaperRow]) -> Result<()> {
-    let path = lab.out_dir.join(format!("{name}.csv"));
-    let mut w = csv::Writer::from_path(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    for row in rows {
-        w.serialize(row)?;
-    }
-    w.flush()?;
-    println!("wrote {}", path.display());
+    println!("wrote {}", lab.write_csv(name, rows)?.display());
     Ok(())
 }
 

@@ -90,18 +90,7 @@ pub fn load_workload(
         return args.load();
     }
     let config = SimConfig::from_presets(model, hardware, overrides, Executor::Sequential)?;
-    let mut perf = scheduler::PerfModel::new(config.model, config.hardware, config.executor);
-    let sched = &config.scheduler;
-    let blocks = perf.kv_capacity_blocks(
-        config.kv_memory_fraction,
-        sched.block_tokens,
-        sched.max_batch_tokens,
-    )?;
-    perf.set_decode_concurrency(
-        f64::from(blocks) * f64::from(sched.block_tokens),
-        sim::paper::TYPICAL_PROMPT_TOKENS,
-        sched.max_running,
-    );
+    let perf = sim::paper::pricing_model(&config)?;
     let dir = args
         .traces_dir
         .clone()

@@ -15,6 +15,28 @@ use workload::{Workload, WorkloadError};
 /// Mean prompt of the paper's mixes, for the decode-concurrency hint that prices weight reads.
 pub const TYPICAL_PROMPT_TOKENS: f64 = 300.0;
 
+/// The performance model presets are priced on: `config`'s model and hardware, with the decode
+/// concurrency its KV cache would hold for the paper's mixes (as [`crate::Simulation`] sets it).
+pub fn pricing_model(config: &crate::SimConfig) -> Result<PerfModel, scheduler::SchedulerError> {
+    let mut perf = PerfModel::new(
+        config.model.clone(),
+        config.hardware.clone(),
+        config.executor,
+    );
+    let s = &config.scheduler;
+    let blocks = perf.kv_capacity_blocks(
+        config.kv_memory_fraction,
+        s.block_tokens,
+        s.max_batch_tokens,
+    )?;
+    perf.set_decode_concurrency(
+        f64::from(blocks) * f64::from(s.block_tokens),
+        TYPICAL_PROMPT_TOKENS,
+        s.max_running,
+    );
+    Ok(perf)
+}
+
 /// The paper's main traces: (density, prefix-sharing ratio).
 pub const PAPER_TRACES: [(f64, f64); 4] = [(1.4, 0.35), (0.9, 0.35), (1.4, 0.05), (0.9, 0.05)];
 
