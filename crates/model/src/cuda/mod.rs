@@ -1,5 +1,5 @@
 //! The CUDA forward pass: bf16 weights and paged KV cache in GPU memory, every GEMM through
-//! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels.cu`, compiled
+//! cuBLAS (`cublasGemmEx`, bf16 in, f32 accumulate), and our own kernels (`kernels/`, compiled
 //! by NVRTC when the model loads) for the rest: fused residual add + RMSNorm, bias + RoPE + KV
 //! write, SiLU·up, paged decode attention (K and V through cp.async stages, its split and
 //! occupancy chosen per launch by [`decode_launch_shape`], launched as a programmatic dependent
@@ -36,10 +36,28 @@ use crate::forward::{plan_slots, ForwardBatch};
 use crate::weights::WeightStore;
 use crate::ModelError;
 
-const KERNELS_SRC: &str = include_str!("kernels.cu");
-/// Query rows per prefill attention block (`BM` in `kernels.cu`).
+/// The kernels, one family a file under `kernels/`, compiled as one NVRTC program (shared headers
+/// first, each in the order its users need).
+const KERNELS_SRC: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/mma.cuh"),
+    "\n",
+    include_str!("kernels/paged_kv.cuh"),
+    "\n",
+    include_str!("kernels/elementwise.cu"),
+    "\n",
+    include_str!("kernels/decode_attention.cu"),
+    "\n",
+    include_str!("kernels/prefill_attention.cu"),
+    "\n",
+    include_str!("kernels/prefill_wgmma.cu"),
+    "\n",
+    include_str!("kernels/sampling.cu"),
+);
+/// Query rows per prefill attention block (`BM` in `kernels/prefill_attention.cu`).
 const PREFILL_TILE_ROWS: usize = 64;
-/// Keys per prefill attention tile (`BN` in `kernels.cu`).
+/// Keys per prefill attention tile (`BN` in `kernels/prefill_attention.cu`).
 const PREFILL_TILE_KEYS: usize = 64;
 
 /// Dynamic shared memory of the mma.sync prefill kernel: two stages of K and V tiles, rows
@@ -234,7 +252,7 @@ pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> ModelError {
     ModelError::Cuda(format!("{what}: {e:?}"))
 }
 
-/// `kernels.cu` as PTX for compute capability `major.minor`; with `all_wgmma_variants`, also
+/// The kernels (`kernels/`) as PTX for compute capability `major.minor`; with `all_wgmma_variants`, also
 /// the wgmma prefill variants only benchmarks use.
 pub fn compile_kernels(
     major: i32,
@@ -261,7 +279,7 @@ pub fn compile_kernels(
     )
     .map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { log, .. } => ModelError::Cuda(format!(
-            "NVRTC cannot compile kernels.cu:\n{}",
+            "NVRTC cannot compile the kernels (cuda/kernels/):\n{}",
             log.to_string_lossy()
         )),
         other => cuda_err("NVRTC", other),
@@ -1654,7 +1672,7 @@ impl CudaLlama {
                 _ => s as *mut u64 as *mut std::ffi::c_void,
             })
             .collect();
-        // SAFETY: the argument list matches the kernel's signature in kernels.cu (checked by the
+        // SAFETY: the argument list matches the kernel's signature in kernels/ (checked by the
         // device tests); the slots and maps outlive the call, which copies them.
         if !dependent {
             return unsafe {
