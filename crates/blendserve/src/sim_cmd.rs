@@ -227,13 +227,19 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    /// Model preset the paper presets' density is priced on.
+    #[arg(long, default_value = "llama3-8b")]
+    pub model: String,
+    /// Hardware preset the paper presets' density is priced on.
+    #[arg(long, default_value = "h100")]
+    pub hardware: String,
     /// Output native JSONL file.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
-    let (workload, _) = args.workload.load()?;
+    let (workload, _) = load_workload(&args.workload, &args.model, &args.hardware, None)?;
     let file =
         File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut out = BufWriter::new(file);

@@ -159,3 +159,72 @@ fn generate_then_simulate_the_written_file() {
         "{text}"
     );
 }
+
+#[test]
+fn generate_writes_a_paper_preset_with_known_video_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace2.jsonl");
+    let out = blendserve()
+        .args([
+            "generate",
+            "--workload",
+            "paper-trace2",
+            "--requests",
+            "3000",
+            "--hardware",
+            "h200",
+            "--out",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3000);
+    let source = |v: &serde_json::Value| v["source"].as_str().unwrap_or("").to_string();
+    for part in ["burstgpt", "mmlu", "openvid"] {
+        assert!(lines.iter().any(|v| source(v) == part), "no {part} request");
+    }
+    for v in &lines {
+        let known = v["output_known"].as_bool().unwrap_or(false);
+        assert_eq!(known, source(v) == "openvid", "{v}");
+    }
+    // The file reads back, and sim runs it; a bad preset names itself.
+    let sim = blendserve()
+        .args([
+            "sim",
+            "--policy",
+            "dfs,blendserve",
+            "--executor",
+            "max",
+            "--requests",
+            "0",
+            "--hardware",
+            "h200",
+            "--workload",
+        ])
+        .arg(&path)
+        .arg("--csv")
+        .arg(dir.path().join("out.csv"))
+        .output()
+        .unwrap();
+    assert!(
+        sim.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    let bad = blendserve()
+        .args(["sim", "--workload", "paper-trace7"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("paper-trace7"));
+}

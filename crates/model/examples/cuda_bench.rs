@@ -128,16 +128,21 @@ fn decode_cache(one: &CudaLlama, cases: &[(usize, usize)]) -> CudaKvCache {
         .expect("cache")
 }
 
-/// The decode kernels this GPU runs: the default, then (on an H100) the register and
-/// tensor-core ones; the default is left current.
+/// The decode kernels this GPU runs: the model's default for it (tensor cores on an H200,
+/// lanes on an H100), then the others it has; the default is left current.
 fn decode_kernels(one: &mut CudaLlama) -> Vec<DecodeKernel> {
-    let mut kernels = vec![DecodeKernel::Lanes];
-    for kernel in [DecodeKernel::Registers, DecodeKernel::TensorCores] {
-        if one.set_decode_kernel(kernel).is_ok() {
+    let default = one.decode_kernel();
+    let mut kernels = vec![default];
+    for kernel in [
+        DecodeKernel::Lanes,
+        DecodeKernel::Registers,
+        DecodeKernel::TensorCores,
+    ] {
+        if kernel != default && one.set_decode_kernel(kernel).is_ok() {
             kernels.push(kernel);
         }
     }
-    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+    one.set_decode_kernel(default).expect("kernel");
     kernels
 }
 
@@ -275,7 +280,7 @@ fn decode_sweep(
     one.set_decode_splits(None);
     one.set_decode_blocks_per_sm(None);
     one.set_decode_dependent_launch(true);
-    one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+    one.set_decode_kernel(kernels[0]).expect("kernel");
     json!(rows)
 }
 
@@ -576,7 +581,7 @@ fn main() {
                 }
             }
         }
-        one.set_decode_kernel(DecodeKernel::Lanes).expect("kernel");
+        one.set_decode_kernel(decode_kernels[0]).expect("kernel");
     }
     out.insert("decode_attention_partitions".into(), json!(partitions));
 

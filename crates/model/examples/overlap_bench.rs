@@ -66,7 +66,8 @@ fn main() {
         + 64;
     model.allocate_cache(num_blocks, BLOCK).expect("cache");
     let decode_kernel = match arg("--decode-kernel").as_deref() {
-        None | Some("lanes") => DecodeKernel::Lanes,
+        None => model.model().decode_kernel(),
+        Some("lanes") => DecodeKernel::Lanes,
         Some("tensor-cores") => DecodeKernel::TensorCores,
         Some(other) => panic!("--decode-kernel {other}: lanes or tensor-cores"),
     };

@@ -56,7 +56,9 @@ impl CudaLlama {
     /// KV group or head size has no such kernel.
     pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) -> Result<(), ModelError> {
         if kernel != DecodeKernel::Lanes {
-            self.kernels.load_all_wgmma_variants(&self.ctx)?;
+            if kernel == DecodeKernel::Registers {
+                self.kernels.load_all_wgmma_variants(&self.ctx)?;
+            }
             let c = &self.config;
             let group = c.num_heads / c.num_kv_heads;
             let present = match kernel {

@@ -77,7 +77,7 @@ pub(super) struct Kernels {
     pub(super) silu_mul: CudaFunction,
     pub(super) rope_write_kv: CudaFunction,
     pub(super) decode: HashMap<(usize, usize), CudaFunction>,
-    /// Tensor-core decode kernels by KV group, once a benchmark asked for one.
+    /// Tensor-core decode kernels by KV group (group 4 compiled).
     pub(super) decode_tc: HashMap<usize, CudaFunction>,
     /// The register decode kernel (KV group 4, head_dim 128), likewise.
     pub(super) decode_registers: Option<CudaFunction>,
@@ -117,6 +117,10 @@ impl Kernels {
                 decode.insert((g, d), func);
             }
         }
+        let mut decode_tc = HashMap::new();
+        let func = f("paged_decode_tc_g4_d128")?;
+        allow_all_dynamic_smem(ctx, &func)?;
+        decode_tc.insert(4, func);
         let mut prefill = HashMap::new();
         for d in [64, 128] {
             let func = f(&format!("paged_prefill_d{d}"))?;
@@ -139,7 +143,7 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             rope_write_kv: f("rope_write_kv")?,
             decode,
-            decode_tc: HashMap::new(),
+            decode_tc,
             decode_registers: None,
             decode_reduce: f("paged_decode_reduce")?,
             prefill,
@@ -152,7 +156,7 @@ impl Kernels {
         })
     }
 
-    /// Compiles and loads the wgmma variants (and the tensor-core decode kernel) that are not in
+    /// Compiles and loads the wgmma variants (and the register decode kernel) that are not in
     /// the load-time module (compute capability 9.0 only; a few seconds of NVRTC).
     pub(super) fn load_all_wgmma_variants(
         &mut self,
@@ -172,12 +176,6 @@ impl Kernels {
                 slot.insert(wgmma_function(&module, variant)?);
             }
         }
-        let name = "paged_decode_tc_g4_d128";
-        let func = module
-            .load_function(name)
-            .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
-        allow_all_dynamic_smem(ctx, &func)?;
-        self.decode_tc.insert(4, func);
         let name = "paged_decode_registers_g4_d128";
         let func = module
             .load_function(name)

@@ -195,3 +195,49 @@ pub(super) fn decode_split(
         part_ml: part_ml.ptr(stream, entries * 2)?,
     })
 }
+
+/// Device-memory bytes a second per SM above which the lane kernel runs out of instructions
+/// before the memory runs out of bytes, so the tensor-core kernel (fewer instructions a byte)
+/// decodes faster. Measured (device copy bandwidth, read plus written, over the SMs; NOTES.md):
+/// H100 SXM 23 GB/s an SM, lanes 0.87-0.97 of copy against tensor cores' 0.71-0.92; H200 32 GB/s,
+/// lanes 0.57-0.72 against 0.72-0.97 (17 of 20 cases faster, the others within 2 us).
+pub(super) const TENSOR_CORE_DECODE_MIN_BYTES_PER_SEC_PER_SM: f64 = 28e9;
+
+/// The decode kernel a model runs by default on a GPU with `sms` SMs whose device copy moves
+/// `copy_bytes_per_sec`: the tensor-core kernel where there is one for this KV group and head
+/// size (`tensor_cores_for_shape`) and the memory is fast for the SM count, else the lanes.
+pub(super) fn preferred_decode_kernel(
+    copy_bytes_per_sec: f64,
+    sms: usize,
+    tensor_cores_for_shape: bool,
+) -> DecodeKernel {
+    let per_sm = copy_bytes_per_sec / sms.max(1) as f64;
+    if tensor_cores_for_shape && per_sm >= TENSOR_CORE_DECODE_MIN_BYTES_PER_SEC_PER_SM {
+        DecodeKernel::TensorCores
+    } else {
+        DecodeKernel::Lanes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_cores_decode_where_memory_outruns_the_lanes() {
+        // Measured copies: H100 SXM ~3.0 TB/s over 132 SMs, H200 ~4.25 TB/s.
+        assert_eq!(
+            preferred_decode_kernel(3.0e12, 132, true),
+            DecodeKernel::Lanes
+        );
+        assert_eq!(
+            preferred_decode_kernel(4.25e12, 132, true),
+            DecodeKernel::TensorCores
+        );
+        // No tensor-core kernel for this KV group or head size: the lanes, whatever the GPU.
+        assert_eq!(
+            preferred_decode_kernel(4.25e12, 132, false),
+            DecodeKernel::Lanes
+        );
+    }
+}

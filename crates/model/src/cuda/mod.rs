@@ -263,7 +263,40 @@ impl CudaLlama {
             config,
         };
         model.decode_occupancies = model.decode_occupancies()?;
+        let copy = model.copy_bytes_per_sec()?;
+        let c = &model.config;
+        let tensor_cores = c.head_dim == 128
+            && model
+                .kernels
+                .decode_tc
+                .contains_key(&(c.num_heads / c.num_kv_heads));
+        model.set_decode_kernel(preferred_decode_kernel(copy, model.sm_count, tensor_cores))?;
         Ok((model, stream))
+    }
+
+    /// Device-to-device copy bandwidth (bytes read plus written a second) over 256 MiB, the
+    /// median of 5 copies after 2 untimed: what decides the default decode kernel.
+    fn copy_bytes_per_sec(&self) -> Result<f64, ModelError> {
+        const BYTES: usize = 256 << 20;
+        let src = self
+            .stream
+            .alloc_zeros::<u8>(BYTES)
+            .map_err(|e| cuda_err("alloc", e))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<u8>(BYTES)
+            .map_err(|e| cuda_err("alloc", e))?;
+        let mut copy = |_: &Self| {
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| cuda_err("copy", e))
+        };
+        self.time(2, &mut copy)?;
+        let mut secs: Vec<f64> = (0..5)
+            .map(|_| self.time(1, &mut copy))
+            .collect::<Result<_, _>>()?;
+        secs.sort_by(f64::total_cmp);
+        Ok(2.0 * BYTES as f64 / secs[2])
     }
 
     /// Loads a HF model folder onto GPU `ordinal` (weights converted to bf16).

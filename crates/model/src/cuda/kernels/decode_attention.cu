@@ -538,6 +538,6 @@ __device__ void paged_decode_tc_impl(DECODE_PARAMS(__restrict__)) {
 // = 69632 bytes.
 #define DECODE_TC_KERNEL(G) DECODE_ENTRY(paged_decode_tc_g##G##_d128, paged_decode_tc_impl<G>)
 
-#if defined(BLENDSERVE_ALL_WGMMA_VARIANTS)
+// In the load-time module: the default on GPUs whose memory outruns the lane kernel (see
+// `preferred_decode_kernel` in decode.rs).
 DECODE_TC_KERNEL(4)
-#endif
