@@ -2,6 +2,7 @@
 
 mod args;
 mod batch_file;
+mod calibrate_cmd;
 mod chat_template;
 mod demo;
 mod run_cmd;
@@ -34,6 +35,9 @@ enum Command {
     Generate(sim_cmd::GenerateArgs),
     /// Describe a workload: sizes, prefix sharing, compute density spread.
     Inspect(sim_cmd::InspectArgs),
+    /// Time a grid of steps on the GPU and fit the performance model's rates to them (a
+    /// hardware TOML for `run --hardware-config` and `sim --config`).
+    Calibrate(calibrate_cmd::CalibrateArgs),
 }
 
 fn main() -> Result<()> {
@@ -49,5 +53,6 @@ fn main() -> Result<()> {
         Command::Sim(args) => sim_cmd::run_sim(&args),
         Command::Generate(args) => sim_cmd::run_generate(&args),
         Command::Inspect(args) => sim_cmd::run_inspect(&args),
+        Command::Calibrate(args) => calibrate_cmd::run_calibrate(&args),
     }
 }

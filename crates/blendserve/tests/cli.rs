@@ -228,3 +228,29 @@ fn generate_writes_a_paper_preset_with_known_video_lengths() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("paper-trace7"));
 }
+
+#[test]
+fn calibrate_names_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = blendserve()
+        .args(["calibrate", "--device", "cpu", "--model"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("h.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device cpu"));
+    // A folder without config.json is named.
+    let out = blendserve()
+        .args(["calibrate", "--random-weights", "--model"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("h.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(!dir.path().join("h.toml").exists());
+}

@@ -26,7 +26,7 @@ use scheduler::{
 };
 use workload::{Chunk, Request, Workload};
 
-pub use probe::balanced_probe;
+pub use probe::{balanced_probe, probe_cost};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -20,6 +20,20 @@ fn sequential_step_secs(perf: &PerfModel, cost: StepCost) -> f64 {
     sequential.time(&step).secs
 }
 
+/// The work of one step of `blend` as the performance model counts it: the weights' pass, its
+/// decode tokens (each at context `decode_context`) and its prefill chunks, every sequence
+/// sampling a token.
+pub fn probe_cost(perf: &PerfModel, blend: &ProbeBlend) -> StepCost {
+    let mut cost = perf.step_base_cost();
+    for _ in 0..blend.decode_seqs {
+        cost += perf.piece_cost(blend.decode_context as u64 - 1, 1, true);
+    }
+    for tokens in blend.prefill_chunks() {
+        cost += perf.piece_cost(0, tokens as u64, true);
+    }
+    cost
+}
+
 /// Half the step's token budget (at most 2048) as prefill, and the fewest decode sequences at
 /// context 1024 whose part the model prices at least as long as the prefill part (within the
 /// budget, `max_running` and `kv_blocks` blocks of `block_tokens`). `None` when not even two

@@ -27,7 +27,8 @@ impl ProbeBlend {
         decode + prefill
     }
 
-    fn prefill_chunks(&self) -> impl Iterator<Item = usize> {
+    /// Token counts of the prefill part's chunks (each a fresh sequence from position 0).
+    pub fn prefill_chunks(&self) -> impl Iterator<Item = usize> {
         let full = self.prefill_tokens / PROBE_CHUNK_TOKENS;
         let rest = self.prefill_tokens % PROBE_CHUNK_TOKENS;
         std::iter::repeat_n(PROBE_CHUNK_TOKENS, full).chain((rest > 0).then_some(rest))

@@ -11,6 +11,7 @@
 
 mod batch;
 mod bound;
+pub mod calibrate;
 pub mod config;
 pub mod perf;
 pub mod policy;
