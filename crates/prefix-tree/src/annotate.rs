@@ -49,6 +49,13 @@ impl std::ops::Add for Demand {
     }
 }
 
+impl std::ops::Mul<f64> for Demand {
+    type Output = Demand;
+    fn mul(self, factor: f64) -> Demand {
+        self.scaled(factor)
+    }
+}
+
 impl std::ops::AddAssign for Demand {
     fn add_assign(&mut self, o: Demand) {
         *self = *self + o;

@@ -6,7 +6,7 @@
 //! repeats until no split pays or the budget is spent.
 
 use crate::annotate::{Demand, DemandModel, ResourceAnnotation};
-use crate::tree::{NodeId, PrefixTree, ROOT};
+use crate::tree::{NodeId, PrefixTree, RequestIndex, ROOT};
 
 /// When to split a node out.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,31 +94,56 @@ impl TreeLayout {
             },
         }
     }
-}
 
-impl TreeLayout {
     /// Per request: the prompt tokens it is expected to compute itself, each edge above it
     /// divided among the requests below that edge (a split node's prefix among its own).
     pub fn attributed_prompt_tokens(&self, tree: &PrefixTree) -> Vec<f64> {
         let nodes = tree.nodes();
-        let mut share_above = vec![0.0; nodes.len()];
         let mut out = vec![0.0; tree.requests()];
-        for id in tree.preorder() {
-            let node = &nodes[id as usize];
-            let per_request = 1.0 / f64::from(node.subtree_requests.max(1));
-            let here = if id == ROOT {
-                0.0
-            } else if self.split[id as usize] {
-                node.depth_tokens as f64 * per_request
-            } else {
-                share_above[node.parent as usize] + node.edge_tokens as f64 * per_request
-            };
-            share_above[id as usize] = here;
-            for &r in &node.requests {
-                out[r as usize] = here;
-            }
-        }
+        shares_from_root(
+            tree,
+            &tree.preorder(),
+            &self.split,
+            0.0,
+            |id| nodes[id as usize].edge_tokens as f64,
+            |id| nodes[nodes[id as usize].parent as usize].depth_tokens as f64,
+            |r, share| out[r as usize] = share,
+        );
         out
+    }
+}
+
+/// Walks the tree top-down handing each request its share of the edges above it: an edge's
+/// `edge(id)` divided among the requests below it, added to the parent's share, except that a
+/// split node starts afresh with its recomputed prefix `prefix(id)` plus its edge. `visit(r,
+/// share)` gets each request's share.
+fn shares_from_root<T>(
+    tree: &PrefixTree,
+    preorder: &[NodeId],
+    split: &[bool],
+    zero: T,
+    edge: impl Fn(NodeId) -> T,
+    prefix: impl Fn(NodeId) -> T,
+    mut visit: impl FnMut(RequestIndex, T),
+) where
+    T: Copy + std::ops::Add<Output = T> + std::ops::Mul<f64, Output = T>,
+{
+    let nodes = tree.nodes();
+    let mut share_above = vec![zero; nodes.len()];
+    for &id in preorder {
+        let node = &nodes[id as usize];
+        let per_request = 1.0 / f64::from(node.subtree_requests.max(1));
+        let here = if id == ROOT {
+            zero
+        } else if split[id as usize] {
+            (prefix(id) + edge(id)) * per_request
+        } else {
+            share_above[node.parent as usize] + edge(id) * per_request
+        };
+        share_above[id as usize] = here;
+        for &r in &node.requests {
+            visit(r, here);
+        }
     }
 }
 
@@ -153,7 +178,7 @@ pub fn split_outliers(
         model.prefill_demand(0, nodes[nodes[id as usize].parent as usize].depth_tokens)
     };
     let mut top = vec![ROOT; nodes.len()];
-    let mut chosen = vec![false; nodes.len()];
+    let mut unit_taken = vec![false; nodes.len()];
     for round in 0..config.max_rounds {
         recompute_units(tree, annotation, &preorder, &mut layout, &prefix_demand);
         // The unit each node is sorted with at the root.
@@ -187,31 +212,19 @@ pub fn split_outliers(
             candidates.push((ratio.ln() * weight / (cost as f64 + 1.0), id, cost));
         }
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-        chosen.iter_mut().for_each(|c| *c = false);
+        unit_taken.iter_mut().for_each(|c| *c = false);
         let mut any = false;
         for (_, id, cost) in candidates {
             if spent + cost > budget {
                 continue;
             }
-            // One split per unit and round (the unit's density changes with it), and none below
-            // a node split this round (its surroundings just moved).
-            if chosen[top[id as usize] as usize] {
+            // One split per unit and round: the unit's density changes with it, and a node
+            // below one split this round (in the same unit) would have moved surroundings.
+            let unit = top[id as usize] as usize;
+            if unit_taken[unit] {
                 continue;
             }
-            let mut up = nodes[id as usize].parent;
-            let mut clash = false;
-            while up != ROOT && !layout.split[up as usize] {
-                if chosen[up as usize] {
-                    clash = true;
-                    break;
-                }
-                up = nodes[up as usize].parent;
-            }
-            if clash || (up != ROOT && chosen[up as usize]) {
-                continue;
-            }
-            chosen[id as usize] = true;
-            chosen[top[id as usize] as usize] = true;
+            unit_taken[unit] = true;
             layout.split[id as usize] = true;
             layout.split_nodes.push(id);
             spent += cost;
@@ -267,20 +280,14 @@ fn recompute_units(
         }
         layout.unit[id as usize] = total;
     }
-    let mut share_above = vec![Demand::ZERO; nodes.len()];
-    for &id in preorder {
-        let node = &nodes[id as usize];
-        let per_request = 1.0 / f64::from(node.subtree_requests.max(1));
-        let here = if id == ROOT {
-            Demand::ZERO
-        } else if layout.split[id as usize] {
-            (annotation.edge[id as usize] + prefix_demand(id)).scaled(per_request)
-        } else {
-            share_above[node.parent as usize] + annotation.edge[id as usize].scaled(per_request)
-        };
-        share_above[id as usize] = here;
-        for &r in &node.requests {
-            layout.attributed[r as usize] = here + annotation.decode[r as usize];
-        }
-    }
+    let attributed = &mut layout.attributed;
+    shares_from_root(
+        tree,
+        preorder,
+        &layout.split,
+        Demand::ZERO,
+        |id| annotation.edge[id as usize],
+        prefix_demand,
+        |r, share| attributed[r as usize] = share + annotation.decode[r as usize],
+    );
 }
