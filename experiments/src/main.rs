@@ -370,19 +370,12 @@ fn bar_figure(
     executor: &str,
     value: impl Fn(&Row) -> f64,
 ) -> Result<()> {
-    let mut categories: Vec<String> = Vec::new();
-    let mut series: Vec<(String, Vec<f64>)> = Vec::new();
-    for row in rows.iter().filter(|r| r.executor == executor) {
-        let cat = short_name(&row.workload);
-        if !categories.contains(&cat) {
-            categories.push(cat);
-        }
-        let v = value(row);
-        match series.iter_mut().find(|s| s.0 == row.policy) {
-            Some(s) => s.1.push(v),
-            None => series.push((row.policy.clone(), vec![v])),
-        }
-    }
+    let (categories, series) = plot::bar_groups(
+        rows.iter().filter(|r| r.executor == executor),
+        |r| short_name(&r.workload),
+        |r| r.policy.clone(),
+        value,
+    );
     plot::grouped_bars(&lab.svg(file), title, y_label, &categories, &series)
 }
 

@@ -221,22 +221,13 @@ fn traces(lab: &Lab, azure: &[TraceRecord], requests: usize) -> Result<Vec<Paper
         }
     }
     for hardware in HARDWARE {
-        let mut series: Vec<(String, Vec<f64>)> = Vec::new();
-        let mut categories = Vec::new();
-        for r in rows
-            .iter()
-            .filter(|r| r.hardware == hardware && r.executor == "max")
-        {
-            let cat = trace_label(&r.workload);
-            if !categories.contains(&cat) {
-                categories.push(cat);
-            }
-            let label = r.policy.clone();
-            match series.iter_mut().find(|s| s.0 == label) {
-                Some(s) => s.1.push(r.tokens_per_sec),
-                None => series.push((label, vec![r.tokens_per_sec])),
-            }
-        }
+        let (categories, mut series) = plot::bar_groups(
+            rows.iter()
+                .filter(|r| r.hardware == hardware && r.executor == "max"),
+            |r| trace_label(&r.workload),
+            |r| r.policy.clone(),
+            |r| r.tokens_per_sec,
+        );
         let bound: Vec<f64> = rows
             .iter()
             .filter(|r| r.hardware == hardware && r.executor == "max" && r.policy == "dfs")
@@ -251,19 +242,15 @@ fn traces(lab: &Lab, azure: &[TraceRecord], requests: usize) -> Result<Vec<Paper
             &series,
         )?;
     }
-    let mut categories = Vec::new();
-    let mut series: Vec<(String, Vec<f64>)> = Vec::new();
-    for r in rows.iter().filter(|r| r.policy == "blendserve") {
-        let executor = r.executor.replace("partial:", "p");
-        let cat = format!("{} {executor}", r.workload.replace("paper-trace", "#"));
-        if !categories.contains(&cat) {
-            categories.push(cat);
-        }
-        match series.iter_mut().find(|s| s.0 == r.hardware) {
-            Some(s) => s.1.push(100.0 * r.hits_of_dfs),
-            None => series.push((r.hardware.clone(), vec![100.0 * r.hits_of_dfs])),
-        }
-    }
+    let (categories, series) = plot::bar_groups(
+        rows.iter().filter(|r| r.policy == "blendserve"),
+        |r| {
+            let executor = r.executor.replace("partial:", "p");
+            format!("{} {executor}", r.workload.replace("paper-trace", "#"))
+        },
+        |r| r.hardware.clone(),
+        |r| 100.0 * r.hits_of_dfs,
+    );
     plot::grouped_bars(
         &lab.svg("paper-sharing-kept"),
         "Prefix hits of BlendServe as % of DFS's per trace and executor (paper: > 97%)",
@@ -355,18 +342,12 @@ fn ablation(lab: &Lab, azure: &[TraceRecord], requests: usize) -> Result<()> {
         }
         rows.extend(nosample);
     }
-    let mut categories = Vec::new();
-    let mut series: Vec<(String, Vec<f64>)> = Vec::new();
-    for r in &rows {
-        let cat = trace_label(&r.workload);
-        if !categories.contains(&cat) {
-            categories.push(cat);
-        }
-        match series.iter_mut().find(|s| s.0 == r.policy) {
-            Some(s) => s.1.push(r.speedup_over_dfs),
-            None => series.push((r.policy.clone(), vec![r.speedup_over_dfs])),
-        }
-    }
+    let (categories, series) = plot::bar_groups(
+        &rows,
+        |r| trace_label(&r.workload),
+        |r| r.policy.clone(),
+        |r| r.speedup_over_dfs,
+    );
     plot::grouped_bars(
         &lab.svg("paper-ablation"),
         "BlendServe's parts on the paper traces (h200, executor max)",

@@ -92,6 +92,30 @@ pub fn line_chart(
     Ok(())
 }
 
+/// Categories and series for [`grouped_bars`] from rows: categories in order of first
+/// appearance, one series per `series` key holding its rows' values in row order.
+pub fn bar_groups<'a, T: 'a>(
+    rows: impl IntoIterator<Item = &'a T>,
+    category: impl Fn(&T) -> String,
+    series: impl Fn(&T) -> String,
+    value: impl Fn(&T) -> f64,
+) -> (Vec<String>, Vec<(String, Vec<f64>)>) {
+    let mut categories: Vec<String> = Vec::new();
+    let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+    for row in rows {
+        let cat = category(row);
+        if !categories.contains(&cat) {
+            categories.push(cat);
+        }
+        let (name, v) = (series(row), value(row));
+        match out.iter_mut().find(|s| s.0 == name) {
+            Some(s) => s.1.push(v),
+            None => out.push((name, vec![v])),
+        }
+    }
+    (categories, out)
+}
+
 /// Bars grouped by category, one bar per series within each group.
 pub fn grouped_bars(
     path: &Path,
