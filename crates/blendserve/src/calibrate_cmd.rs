@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use model::ProbeBlend;
-use scheduler::calibrate::{fit_sequential, hardware_toml, relative_errors, TimedStep};
+use scheduler::calibrate::{fit_sequential, hardware_toml, relative_errors, rms, TimedStep};
 
 /// Prefill tokens, decodes and their context of each step the calibration times.
 const GRID_PREFILL_TOKENS: [usize; 4] = [0, 256, 1024, 4096];
@@ -99,7 +99,7 @@ pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         .collect();
     let mut fit = fit_sequential(&perf_config, &base, &steps);
     fit.hardware.name = format!("{}-calibrated", args.hardware);
-    let errors = relative_errors(&perf_config, &fit.hardware, &steps);
+    let errors = &fit.relative_errors;
     let preset_errors = relative_errors(&perf_config, &base, &steps);
     println!("prefill  decodes x context   measured ms   fitted   preset");
     for ((blend, step), (e, p)) in blends
@@ -126,8 +126,8 @@ pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         h.attention_efficiency.unwrap_or(h.compute_efficiency),
         args.hardware,
         h.step_overhead_secs * 1e3,
-        100.0 * fit.rms_relative_error,
-        100.0 * (preset_errors.iter().map(|e| e * e).sum::<f64>() / steps.len() as f64).sqrt()
+        100.0 * fit.rms_relative_error(),
+        100.0 * rms(&preset_errors)
     );
     let note = format!(
         "blendserve calibrate: {} steps of {name} ({} layers, random weights: {}) timed on {}",

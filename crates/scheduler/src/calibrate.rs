@@ -22,9 +22,23 @@ pub struct TimedStep {
 #[derive(Clone, Debug, PartialEq)]
 pub struct HardwareFit {
     pub hardware: HardwareConfig,
-    /// Root-mean-square and largest of `predicted / measured - 1` over the steps.
-    pub rms_relative_error: f64,
-    pub max_relative_error: f64,
+    /// `predicted / measured - 1` for each step, in order.
+    pub relative_errors: Vec<f64>,
+}
+
+impl HardwareFit {
+    pub fn rms_relative_error(&self) -> f64 {
+        rms(&self.relative_errors)
+    }
+
+    pub fn max_relative_error(&self) -> f64 {
+        self.relative_errors.iter().fold(0.0, |m, e| m.max(e.abs()))
+    }
+}
+
+/// Root mean square of `errors` (0 for none).
+pub fn rms(errors: &[f64]) -> f64 {
+    (squared(errors) / errors.len().max(1) as f64).sqrt()
 }
 
 /// Predicted / measured - 1 for each step, on `hardware` under the sequential executor.
@@ -86,11 +100,8 @@ pub fn fit_sequential(
             span *= 0.8;
         }
     }
-    let errors = relative_errors(model, &h, steps);
-    let n = errors.len().max(1) as f64;
     HardwareFit {
-        rms_relative_error: (squared(&errors) / n).sqrt(),
-        max_relative_error: errors.iter().fold(0.0, |m, e| m.max(e.abs())),
+        relative_errors: relative_errors(model, &h, steps),
         hardware: h,
     }
 }
@@ -105,8 +116,8 @@ pub fn hardware_toml(fit: &HardwareFit, preset: &str, note: &str) -> String {
     }
     out.push_str(&format!(
         "# fit: rms {:.1}% and at most {:.1}% off the steps it was fitted on\n",
-        100.0 * fit.rms_relative_error,
-        100.0 * fit.max_relative_error
+        100.0 * fit.rms_relative_error(),
+        100.0 * fit.max_relative_error()
     ));
     out.push_str("[hardware]\n");
     out.push_str(&format!("preset = \"{preset}\"\n"));
@@ -170,7 +181,7 @@ mod tests {
             .collect();
         let fit = fit_sequential(&model, &base, &steps);
         let h = &fit.hardware;
-        assert!(fit.max_relative_error < 0.01, "{fit:?}");
+        assert!(fit.max_relative_error() < 0.01, "{fit:?}");
         assert!((h.compute_efficiency - 0.62).abs() < 0.02, "{h:?}");
         assert!((h.memory_efficiency - 0.71).abs() < 0.02, "{h:?}");
         assert!((h.step_overhead_secs - 4e-4).abs() < 2e-4, "{h:?}");

@@ -206,11 +206,10 @@ pub fn estimate_from_samples(
         .iter()
         .enumerate()
         .map(|(r, req)| {
-            if req.output_known {
-                return req.sim_output_tokens();
-            }
             let node: NodeId = tree.leaf_of(r as u32);
-            (estimate[node as usize].round() as u32).clamp(1, req.max_tokens.max(1))
+            req.known_output_tokens().unwrap_or_else(|| {
+                (estimate[node as usize].round() as u32).clamp(1, req.max_tokens.max(1))
+            })
         })
         .collect()
 }
@@ -227,13 +226,7 @@ pub fn estimate_output_tokens(
         LengthKnowledge::Known => requests.iter().map(|r| r.sim_output_tokens()).collect(),
         LengthKnowledge::MaxTokens => requests
             .iter()
-            .map(|r| {
-                if r.output_known {
-                    r.sim_output_tokens()
-                } else {
-                    r.max_tokens.max(1)
-                }
-            })
+            .map(|r| r.known_output_tokens().unwrap_or(r.max_tokens.max(1)))
             .collect(),
         LengthKnowledge::Sampled {
             fraction,

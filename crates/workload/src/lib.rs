@@ -48,6 +48,11 @@ impl Request {
         self.prompt.iter().map(|c| u64::from(c.len_tokens)).sum()
     }
 
+    /// The output length, where it is known before the run (`output_known`).
+    pub fn known_output_tokens(&self) -> Option<u32> {
+        self.output_known.then(|| self.sim_output_tokens())
+    }
+
     /// Tokens this request will generate in a simulation: the recorded length capped by
     /// `max_tokens`, or `max_tokens` when nothing is recorded. Always at least 1.
     pub fn sim_output_tokens(&self) -> u32 {
