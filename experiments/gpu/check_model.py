@@ -127,12 +127,15 @@ def main():
         # transformers itself in bf16: how far a bf16 computation lands from the f32 reference.
         bf_last, _ = reference(cls, path, prompts, 0, torch.bfloat16)
         for device in args.devices.split(","):
-            out_file = os.path.join(path, f"ours-{device}.json")
+            out_file = os.path.join(path, f"ours-{device.replace(':', '-')}.json")
             t = time.time()
             try:
+                # `cuda@EXECUTOR`: the CUDA path under another step executor.
+                dev, _, executor = device.partition("@")
                 proc = subprocess.run(
                     [args.binary, "--model", path, "--prompts", prompt_file, "--out", out_file,
-                     "--device", device, "--steps", str(args.steps)],
+                     "--device", dev, "--steps", str(args.steps)]
+                    + (["--executor", executor] if executor else []),
                     capture_output=True, text=True, timeout=args.binary_timeout)
             except subprocess.TimeoutExpired as e:
                 print(f"{name} {device}: TIMEOUT after {args.binary_timeout}s", flush=True)
@@ -177,7 +180,7 @@ def main():
     # own bf16 run does (x1.5, + 5e-3).
     tolerance = {"cpu": lambda r: 1e-5, "burn-cuda": lambda r: 1e-2,
                  "cuda": lambda r: 1.5 * r["hf_bf16_rel_l2_error"] + 5e-3}
-    print(f"{'model':28s} {'device':9s} {'prompt':>6s} {'rel_l2':>10s} {'hf_bf16':>9s} {'max_abs':>9s} {'margin':>9s} {'argmax':>6s} {'greedy':>6s} {'ok':>4s}")
+    print(f"{'model':28s} {'device':22s} {'prompt':>6s} {'rel_l2':>10s} {'hf_bf16':>9s} {'max_abs':>9s} {'margin':>9s} {'argmax':>6s} {'greedy':>6s} {'ok':>4s}")
     ok = True
     for r in results:
         if "error" in r:
@@ -185,9 +188,9 @@ def main():
             print(f"{r['model']:28s} {r['device']:6s} ERROR {r['error'][:200]}")
             continue
         near_tie = r["ref_top2_margin"] < 4 * r["max_abs_error"]
-        good = r["rel_l2_error"] < tolerance[r["device"]](r) and (r["argmax_match"] or near_tie)
+        good = r["rel_l2_error"] < tolerance[r["device"].partition("@")[0]](r) and (r["argmax_match"] or near_tie)
         ok &= good
-        print(f"{r['model']:28s} {r['device']:9s} {r['prompt_tokens']:6d} {r['rel_l2_error']:10.2e} {r['hf_bf16_rel_l2_error']:9.2e} "
+        print(f"{r['model']:28s} {r['device']:22s} {r['prompt_tokens']:6d} {r['rel_l2_error']:10.2e} {r['hf_bf16_rel_l2_error']:9.2e} "
               f"{r['max_abs_error']:9.2e} {r['ref_top2_margin']:9.2e} {str(r['argmax_match']):>6s} "
               f"{str(r['greedy_match']):>6s} {str(good):>4s}")
     print("PASS" if ok else "FAIL")

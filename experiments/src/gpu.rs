@@ -223,7 +223,115 @@ pub fn engine_rows(runs: &[(&str, &Path)]) -> Result<Vec<GpuRow>> {
 }
 
 /// Every GPU figure from the measurements under `gpu_dir`, into `out_dir`.
+/// Issue 16's step grid (`overlap/h200-step-gain.json`): speed-up over sequential against the
+/// planner's attention / GEMM time, one line per decode context for `overlap-auto` and one
+/// dashed for the best fixed SM split.
+fn step_gain_series(path: &Path) -> Result<Vec<plot::Series>> {
+    let rows = read_json(path)?;
+    let rows = rows
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: not a list", path.display()))?;
+    let mut series: Vec<plot::Series> = Vec::new();
+    for r in rows {
+        let ctx = number(r, "context", path)?;
+        let x = number(r, "attention_over_gemm", path)?;
+        for (name, key, dashed) in [
+            (format!("overlap-auto, context {ctx}"), "gain", false),
+            (
+                format!("best fixed split, context {ctx}"),
+                "best_fixed_gain",
+                true,
+            ),
+        ] {
+            let y = number(r, key, path)?;
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.points.push((x, y)),
+                None => series.push(plot::Series {
+                    name,
+                    points: vec![(x, y)],
+                    dashed,
+                }),
+            }
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Ok(series)
+}
+
+/// The stream decode kernel's bandwidth against the SMs it runs on (`h200/decode-lane.json`)
+/// for a few batches, beside the streaming-read probe's (`h200/overlap-probe.json`).
+fn decode_lane_series(lane: &Path, probe: &Path) -> Result<Vec<plot::Series>> {
+    let data = read_json(lane)?;
+    let wanted = [
+        (256.0, 2048.0, 2048.0),
+        (128.0, 4096.0, 4096.0),
+        (256.0, 64.0, 4096.0),
+        (64.0, 512.0, 16384.0),
+    ];
+    let mut series = Vec::new();
+    for (batch, lo, hi) in wanted {
+        let mut points = Vec::new();
+        for r in array(&data, "rows", lane)? {
+            let kernel = field(r, "kernel", lane)?.as_str().unwrap_or_default();
+            let key = (
+                number(r, "batch", lane)?,
+                number(r, "ctx_lo", lane)?,
+                number(r, "ctx_hi", lane)?,
+            );
+            if kernel == "stream_w12_s2" && key == (batch, lo, hi) {
+                points.push((number(r, "sms", lane)?, number(r, "gbps", lane)? / 1e3));
+            }
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let contexts = if lo == hi {
+            format!("{lo}")
+        } else {
+            format!("{lo}-{hi}")
+        };
+        series.push(plot::Series {
+            name: format!("decode attention, {batch} x {contexts} tokens"),
+            points,
+            dashed: false,
+        });
+    }
+    let p = read_json(probe)?;
+    let mut read = vec![(
+        number(&p, "sms", probe)?,
+        number(&p, "read_whole_gpu_tbps", probe)?,
+    )];
+    for r in array(&p, "rows", probe)? {
+        let k = number(r, "k", probe)?;
+        read.push((k, k * number(r, "read_gbps_per_sm_partition", probe)? / 1e3));
+    }
+    read.sort_by(|a, b| a.0.total_cmp(&b.0));
+    series.push(plot::Series {
+        name: "streaming read kernel (probe, green partitions)".into(),
+        points: read,
+        dashed: true,
+    });
+    Ok(series)
+}
+
 pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
+    plot::line_chart(
+        &out_dir.join("gpu-h200-step-gain.svg"),
+        "H200, 32-layer Llama-3-8B steps: overlapped over sequential",
+        "decode attention time / GEMM time (planner's estimate)",
+        "speed-up over sequential (x)",
+        &step_gain_series(&gpu_dir.join("overlap/h200-step-gain.json"))?,
+    )?;
+    plot::line_chart(
+        &out_dir.join("gpu-h200-decode-lane.svg"),
+        "H200: the memory lane's decode attention on k SMs",
+        "SMs the kernel runs on",
+        "KV read bandwidth (TB/s)",
+        &decode_lane_series(
+            &gpu_dir.join("h200/decode-lane.json"),
+            &gpu_dir.join("h200/overlap-probe.json"),
+        )?,
+    )?;
     let (prefill, decode) = kernel_rows(&gpu_dir.join("bench-last-run.json"))?;
     write(
         out_dir,
@@ -310,5 +418,18 @@ mod tests {
             assert!(dir.path().join(format!("{name}.svg")).exists());
             assert!(dir.path().join(format!("{name}.csv")).exists());
         }
+        for name in ["gpu-h200-step-gain", "gpu-h200-decode-lane"] {
+            assert!(dir.path().join(format!("{name}.svg")).exists());
+        }
+        // Every grid step has both lines' points, the lane figure four batches and the probe.
+        let gain = step_gain_series(&gpu.join("overlap/h200-step-gain.json")).expect("grid");
+        assert_eq!(gain.iter().map(|s| s.points.len()).sum::<usize>(), 2 * 17);
+        let lane = decode_lane_series(
+            &gpu.join("h200/decode-lane.json"),
+            &gpu.join("h200/overlap-probe.json"),
+        )
+        .expect("lane");
+        assert_eq!(lane.len(), 5);
+        assert!(lane.iter().all(|s| s.points.len() >= 4));
     }
 }

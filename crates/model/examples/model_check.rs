@@ -22,12 +22,15 @@ struct Args {
     out: PathBuf,
     device: String,
     steps: usize,
+    /// The CUDA step executor (`sequential` unless given).
+    executor: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut model, mut prompts, mut out, mut device, mut steps) =
         (None, None, None, "cpu".to_string(), 8);
+    let mut executor = None;
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -35,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
             "--prompts" => prompts = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
             "--device" => device = value()?,
+            "--executor" => executor = Some(value()?),
             "--steps" => {
                 steps = value()?
                     .parse()
@@ -49,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
         out: out.ok_or("--out is required")?,
         device,
         steps,
+        executor,
     })
 }
 
@@ -137,9 +142,14 @@ fn load(args: &Args) -> Result<(Box<dyn StepModel>, f64), String> {
                 .map_err(|e| e.to_string())?,
         )),
         #[cfg(feature = "cuda")]
-        "cuda" => Box::new(model::CudaStepModel::new(
-            model::cuda::CudaLlama::load(&args.model, 0).map_err(|e| e.to_string())?,
-        )),
+        "cuda" => {
+            let mut m = model::cuda::CudaLlama::load(&args.model, 0).map_err(|e| e.to_string())?;
+            if let Some(name) = &args.executor {
+                let executor: model::cuda::StepExecutor = name.parse()?;
+                m.set_executor(executor).map_err(|e| e.to_string())?;
+            }
+            Box::new(model::CudaStepModel::new(m))
+        }
         #[cfg(feature = "burn-cuda")]
         "burn-cuda" => Box::new(BurnStepModel::new(
             LlamaModel::<burn::backend::Cuda<f32>>::load(

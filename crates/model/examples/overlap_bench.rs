@@ -7,13 +7,14 @@
 //! ```text
 //! cargo build --release -p model --example overlap_bench --features cuda
 //! ./target/release/examples/overlap_bench [--layers N] [--ctx TOKENS] [--executors LIST] \
-//!     [--decode-kernel lanes|tensor-cores] > out.json
+//!     [--decode-kernel lanes|tensor-cores] [--lane-kernel stream|default] \
+//!     [--blends PREFILL:DECODES,...] [--lane-timing] [--reps N] > out.json
 //! ```
 
 use std::time::Instant;
 
-use model::cuda::{CudaLlama, DecodeKernel, StepExecutor};
-use model::{CudaStepModel, ProbeBlend, StepModel};
+use model::cuda::{CudaLlama, DecodeKernel, StepExecutor, StreamVariant};
+use model::{CudaStepModel, ProbeBlend, StepModel, StepWork};
 use serde_json::json;
 
 mod common;
@@ -39,7 +40,7 @@ fn main() {
         .map(|e| e.parse().expect("executor"))
         .collect();
     // (prefill tokens, decode sequences), all-prefill to all-decode.
-    let blends: &[(usize, usize)] = &[
+    let default_blends: &[(usize, usize)] = &[
         (2048, 0),
         (2048, 64),
         (1536, 128),
@@ -50,6 +51,18 @@ fn main() {
         (256, 320),
         (0, 320),
     ];
+    let blends: Vec<(usize, usize)> = arg("--blends").map_or(default_blends.to_vec(), |v| {
+        v.split(',')
+            .map(|b| {
+                let (p, d) = b.split_once(':').expect("--blends PREFILL:DECODES,...");
+                (
+                    p.parse().expect("prefill tokens"),
+                    d.parse().expect("decodes"),
+                )
+            })
+            .collect()
+    });
+    let blends = &blends[..];
     let t0 = Instant::now();
     let mut model = CudaStepModel::new(CudaLlama::random(llama3_8b(layers), 0, 2).expect("model"));
     eprintln!("{layers}-layer model in {:.1}s", t0.elapsed().as_secs_f64());
@@ -75,11 +88,21 @@ fn main() {
         .model_mut()
         .set_decode_kernel(decode_kernel)
         .expect("decode kernel");
+    match arg("--lane-kernel").as_deref() {
+        None => {}
+        Some("stream") => model
+            .model_mut()
+            .set_lane_decode_kernel(Some(DecodeKernel::Stream(StreamVariant::DEFAULT))),
+        Some("default") => model
+            .model_mut()
+            .set_lane_decode_kernel(Some(decode_kernel)),
+        Some(other) => panic!("--lane-kernel {other}: stream or default"),
+    }
     let sm_total = model.model().sm_count();
     // Shuffled blocks, so no block table is contiguous.
     let block_ids = shuffled_block_ids(num_blocks);
 
-    let reps = 4;
+    let reps: usize = arg("--reps").map_or(4, |v| v.parse().expect("--reps N"));
     let mut rows = Vec::new();
     for &(p, d) in blends {
         let [b, prefill_part, decode_part] = probe((p, d))
@@ -109,6 +132,20 @@ fn main() {
             decode_alone * 1e3,
             prefill_alone.max(decode_alone) * 1e3
         );
+        // The overlap planner's view of the blend (what `overlap-auto` decides from).
+        let work = StepWork {
+            prefill_tokens: p,
+            decodes: d,
+            decode_context_tokens: d * ctx,
+        };
+        let planner = model.model().overlap_planner().clone();
+        let config = model.model().config().clone();
+        let attention_over_gemm =
+            planner.attention_secs(&config, work) / planner.compute_secs(&config, work);
+        let planned = planner.plan(&config, work);
+        eprintln!(
+            "    planner: attention / GEMM {attention_over_gemm:.2}, memory lane {planned:?} SMs"
+        );
         let mut by_executor = Vec::new();
         for &e in &executors {
             if let Err(err) = model.model_mut().set_executor(e) {
@@ -127,12 +164,32 @@ fn main() {
                     continue;
                 }
             };
+            // The lanes' busy and waiting time of one more step, timed by events.
+            let mut lanes = None;
+            if args.iter().any(|a| a == "--lane-timing") {
+                model.model_mut().set_lane_timing(true);
+                let step = model.time_steps(&b, 1).expect("step");
+                if let Some((memory, waits)) = model.model().last_lane_secs().expect("timing") {
+                    eprintln!(
+                        "    {e}: timed step {:.2} ms: memory lane busy {:.2} ms, compute lane \
+                         waiting for it {:.2} ms",
+                        step * 1e3,
+                        memory * 1e3,
+                        waits * 1e3
+                    );
+                    lanes = Some(json!({"step_secs": step, "memory_busy_secs": memory,
+                                        "compute_wait_secs": waits}));
+                }
+                model.model_mut().set_lane_timing(false);
+            }
             let same = tokens
                 .iter()
                 .zip(&reference)
                 .filter(|(a, b)| a == b)
                 .count();
             let (prefill_sms, decode_sms) = model.model().lane_sms().unwrap_or((sm_total, 0));
+            let lane_kernel = format!("{:?}", model.model().lane_decode_kernel());
+            let step_memory_sms = model.model().last_step_memory_sms();
             let mut max_logit_diff = None;
             if compare_logits {
                 let logits = model.step_logits(&b).expect("step");
@@ -152,7 +209,7 @@ fn main() {
             }
             eprintln!(
                 "    {:12} {:7.2} ms  {:5.3}x sequential  lanes {prefill_sms}/{decode_sms} SMs (compute/memory)  \
-                 greedy tokens equal {same}/{}",
+                 greedy tokens equal {same}/{}  lane {lane_kernel}",
                 e.to_string(),
                 secs * 1e3,
                 sequential / secs,
@@ -160,15 +217,17 @@ fn main() {
             );
             by_executor.push(json!({
                 "executor": e.to_string(), "secs": secs, "speedup": sequential / secs,
-                "compute_sms": prefill_sms, "memory_sms": decode_sms,
+                "compute_sms": prefill_sms, "memory_sms": decode_sms, "lane_kernel": lane_kernel,
+                "step_memory_sms": step_memory_sms,
                 "greedy_equal": same, "greedy_total": tokens.len(),
-                "max_logit_diff": max_logit_diff,
+                "max_logit_diff": max_logit_diff, "lane_timing": lanes,
             }));
         }
         rows.push(json!({
             "prefill_tokens": p, "decode_seqs": d, "decode_ctx": ctx,
             "sequential_secs": sequential, "prefill_alone_secs": prefill_alone,
             "decode_alone_secs": decode_alone, "executors": by_executor,
+            "attention_over_gemm": attention_over_gemm, "planned_memory_sms": planned,
         }));
     }
     println!(

@@ -16,6 +16,7 @@ pub mod cuda;
 mod error;
 pub mod fixture;
 mod forward;
+mod overlap_plan;
 mod probe;
 mod sample;
 mod step;
@@ -25,6 +26,7 @@ mod weights;
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use error::ModelError;
 pub use forward::{logits_rows, ForwardBatch, LlamaModel, PagedKvCache, SequenceChunk};
+pub use overlap_plan::{OverlapPlanner, StepWork};
 pub use probe::{ExecutorProfile, ExecutorTiming, ProbeBlend};
 pub use sample::{Sampler, SamplingParams, StopCriteria, StopReason};
 #[cfg(feature = "cuda")]

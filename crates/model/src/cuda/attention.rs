@@ -65,6 +65,7 @@ impl CudaLlama {
                 DecodeKernel::Lanes => true,
                 DecodeKernel::Registers => group == 4 && self.kernels.decode_registers.is_some(),
                 DecodeKernel::TensorCores => self.kernels.decode_tc.contains_key(&group),
+                DecodeKernel::Stream(v) => self.kernels.decode_stream.contains_key(&(group, v)),
             };
             if c.head_dim != 128 || !present {
                 return Err(ModelError::Cuda(format!(
@@ -149,6 +150,10 @@ impl CudaLlama {
             DecodeKernel::TensorCores => {
                 (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
             }
+            DecodeKernel::Stream(v) => (
+                &self.kernels.decode_stream[&(group, v)],
+                v.smem_bytes() as u32,
+            ),
         }
     }
 
@@ -172,6 +177,12 @@ impl CudaLlama {
         self.forced_decode_splits = splits.map(|s| s.max(1));
     }
 
+    /// Runs the stream decode kernel as `ctas` blocks (benchmarks: its bandwidth on that many
+    /// SMs), or (`None`) one block an SM of the lane it runs on.
+    pub fn set_stream_decode_ctas(&mut self, ctas: Option<usize>) {
+        self.forced_stream_ctas = ctas.map(|n| n.max(1));
+    }
+
     /// Launches decode attention as a programmatic dependent of the kernel before it (the
     /// default on compute capability 9.0 and newer), or plainly (benchmarks compare).
     pub fn set_decode_dependent_launch(&mut self, dependent: bool) {
@@ -190,6 +201,50 @@ impl CudaLlama {
         self.forced_decode_blocks_per_sm = blocks_per_sm;
     }
 
+    /// Forces the overlapped executor's memory lane to decode with `kernel` (benchmarks; the
+    /// stream kernel or the model's decode kernel), or (`None`) lets the executor choose.
+    pub fn set_lane_decode_kernel(&mut self, kernel: Option<DecodeKernel>) {
+        self.forced_lane_decode = kernel;
+    }
+
+    /// The decode kernel of the overlapped executor's memory lane: the stream kernel where the
+    /// lane has `memory_sms` of its own (SMs split, not shared) and the GPU and model have it.
+    pub fn lane_decode_kernel(&self) -> DecodeKernel {
+        let c = &self.config;
+        let group = c.num_heads / c.num_kv_heads;
+        let own_sms = matches!(
+            self.executor(),
+            StepExecutor::Adaptive
+                | StepExecutor::Overlapped {
+                    split: SmSplit::GemmTarget | SmSplit::GreenContexts,
+                    ..
+                }
+        );
+        match self.forced_lane_decode {
+            Some(k) => k,
+            None if own_sms
+                && c.head_dim == 128
+                && self
+                    .kernels
+                    .decode_stream
+                    .contains_key(&(group, StreamVariant::DEFAULT)) =>
+            {
+                DecodeKernel::Stream(StreamVariant::DEFAULT)
+            }
+            None => self.decode_kernel,
+        }
+    }
+
+    /// The decode slots of the memory lane's `sms` SMs, for its decode kernel.
+    pub(super) fn memory_lane_slots(&self, sms: usize) -> DecodeSlots {
+        let mut slots = self.decode_slots(sms);
+        slots.stream = match self.lane_decode_kernel() {
+            DecodeKernel::Stream(v) => Some(v),
+            _ => None,
+        };
+        slots
+    }
+
     /// The decode slots of `sms` SMs.
     pub(super) fn decode_slots(&self, sms: usize) -> DecodeSlots {
         DecodeSlots {
@@ -197,6 +252,11 @@ impl CudaLlama {
             occupancies: self.decode_occupancies,
             forced_splits: self.forced_decode_splits,
             forced_blocks_per_sm: self.forced_decode_blocks_per_sm,
+            stream: match self.decode_kernel {
+                DecodeKernel::Stream(v) => Some(v),
+                _ => None,
+            },
+            forced_stream_ctas: self.forced_stream_ctas,
         }
     }
 
@@ -227,6 +287,7 @@ impl CudaLlama {
             smem_bytes,
             part_acc,
             part_ml,
+            ..
         } = *split;
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -234,7 +295,26 @@ impl CudaLlama {
         let bs_i = block_size as i32;
         let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
         let at = |off: usize| ints + 4 * off as u64;
-        if plan.decode_items > 0 && part != AttentionPart::Prefill {
+        if let (Some((variant, shape)), true) = (
+            split.stream,
+            plan.decode_items > 0 && part != AttentionPart::Prefill,
+        ) {
+            self.launch_stream_decode(
+                stream,
+                variant,
+                shape,
+                plan,
+                ints,
+                qkv,
+                attn,
+                cache.tensor_maps.get(layer).ok_or_else(|| {
+                    ModelError::Cuda(format!(
+                        "the stream decode kernel needs the cache's TMA descriptors (layer {layer})"
+                    ))
+                })?,
+                split,
+            )?;
+        } else if plan.decode_items > 0 && part != AttentionPart::Prefill {
             let (f, _) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
             self.launch_smem_on(

@@ -20,6 +20,8 @@ pub(super) const KERNELS_SRC: &str = concat!(
     "\n",
     include_str!("kernels/prefill_wgmma.cu"),
     "\n",
+    include_str!("kernels/decode_stream.cu"),
+    "\n",
     include_str!("kernels/sampling.cu"),
 );
 /// NVRTC's target for compute capability `major.minor`: Hopper gets `sm_90a`, which its
@@ -82,6 +84,9 @@ pub(super) struct Kernels {
     /// The register decode kernel (KV group 4, head_dim 128), likewise.
     pub(super) decode_registers: Option<CudaFunction>,
     pub(super) decode_reduce: CudaFunction,
+    /// Stream decode kernels by (KV group, variant): compute capability 9.0, group 4.
+    pub(super) decode_stream: HashMap<(usize, StreamVariant), CudaFunction>,
+    pub(super) decode_stream_reduce: CudaFunction,
     pub(super) prefill: HashMap<usize, CudaFunction>,
     /// Compute capability 9.0 only (compiled for `sm_90a`): the variants of `WGMMA_PREFERENCE`,
     /// then the others when [`Kernels::load_all_wgmma_variants`] ran.
@@ -132,7 +137,13 @@ impl Kernels {
             prefill.insert(d, func);
         }
         let mut prefill_wgmma = HashMap::new();
+        let mut decode_stream = HashMap::new();
         if (major, minor) == (9, 0) {
+            for variant in StreamVariant::ALL {
+                let func = f(&variant.function_name(4))?;
+                allow_all_dynamic_smem(ctx, &func)?;
+                decode_stream.insert((4, variant), func);
+            }
             for variant in WGMMA_PREFERENCE {
                 prefill_wgmma.insert(variant, wgmma_function(&module, variant)?);
             }
@@ -146,6 +157,8 @@ impl Kernels {
             decode_tc,
             decode_registers: None,
             decode_reduce: f("paged_decode_reduce")?,
+            decode_stream,
+            decode_stream_reduce: f("paged_decode_stream_reduce")?,
             prefill,
             prefill_wgmma,
             argmax_rows: f("argmax_rows")?,

@@ -15,6 +15,10 @@ pub enum DecodeKernel {
     /// The GQA group's heads as the rows of tensor-core MMAs (benchmark variant: compute
     /// capability 9.0, KV group 4, head_dim 128).
     TensorCores,
+    /// Persistent blocks, one an SM of the lane, splitting the batch by KV tokens into equal
+    /// runs of 16-token tiles brought by bulk copies (`decode_stream.rs`; compute capability
+    /// 9.0, KV group 4, head_dim 128): the overlapped executor's memory lane.
+    Stream(StreamVariant),
 }
 
 /// Dynamic shared memory of the default decode kernel: two stages of 4 tokens a lane group
@@ -39,6 +43,9 @@ pub(super) struct DecodeSplit {
     pub(super) smem_bytes: u32,
     pub(super) part_acc: u64,
     pub(super) part_ml: u64,
+    /// The stream kernel and its shape, when it runs this decode attention (else the model's
+    /// decode kernel does).
+    pub(super) stream: Option<(StreamVariant, StreamShape)>,
 }
 
 /// An occupancy a decode launch may run at: `blocks_per_sm` resident blocks an SM, got with
@@ -61,6 +68,10 @@ pub(super) struct DecodeSlots {
     pub(super) occupancies: [DecodeOccupancy; DECODE_OCCUPANCIES],
     pub(super) forced_splits: Option<usize>,
     pub(super) forced_blocks_per_sm: Option<usize>,
+    /// The stream kernel, when it runs these slots' decode attention, and the blocks a
+    /// benchmark forces (else one an SM).
+    pub(super) stream: Option<StreamVariant>,
+    pub(super) forced_stream_ctas: Option<usize>,
 }
 
 impl DecodeSlots {
@@ -175,6 +186,29 @@ pub(super) fn decode_split(
     part_acc: &mut Scratch<f32>,
     part_ml: &mut Scratch<f32>,
 ) -> Result<DecodeSplit, ModelError> {
+    // The stream kernel's tiles are whole 16-token blocks; other caches decode as before.
+    if let Some(variant) = slots
+        .stream
+        .filter(|_| plan.block_size == STREAM_DECODE_CHUNK_TOKENS)
+    {
+        let ctas = slots.forced_stream_ctas.unwrap_or(slots.sms);
+        let stream_shape = stream_shape(
+            plan.decode_chunks,
+            plan.decode_max_ctx.div_ceil(STREAM_DECODE_CHUNK_TOKENS),
+            c.num_kv_heads,
+            ctas,
+            variant.warps,
+        );
+        let entries = plan.decode_items * c.num_heads * stream_shape.max_parts;
+        return Ok(DecodeSplit {
+            split_tokens: 0,
+            max_splits: 1,
+            smem_bytes: 0,
+            part_acc: part_acc.ptr(stream, entries * c.head_dim)?,
+            part_ml: part_ml.ptr(stream, entries * 2)?,
+            stream: Some((variant, stream_shape)),
+        });
+    }
     let (split_tokens, max_splits, occupancy) = if plan.decode_items > 0 {
         let blocks = plan.decode_items * c.num_kv_heads;
         let (splits, occupancy) = slots.shape(blocks, plan.decode_max_ctx);
@@ -193,6 +227,7 @@ pub(super) fn decode_split(
         smem_bytes: occupancy.smem_bytes,
         part_acc: part_acc.ptr(stream, entries * c.head_dim)?,
         part_ml: part_ml.ptr(stream, entries * 2)?,
+        stream: None,
     })
 }
 

@@ -24,8 +24,10 @@
 mod attention;
 mod compile;
 mod decode;
+mod decode_stream;
 mod gemm;
 mod overlap;
+mod overlap_step;
 mod plan;
 mod prefill;
 
@@ -38,6 +40,8 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 pub use compile::compile_kernels;
 pub use decode::{decode_launch_shape, decode_smem_bytes, DecodeKernel};
+pub use decode_stream::StreamVariant;
+use decode_stream::{stream_shape, StreamShape, STREAM_DECODE_CHUNK_TOKENS};
 pub use gemm::Gemm;
 pub use overlap::{SmSplit, StepExecutor};
 pub use prefill::{tma_block_size_ok, PrefillKernel, WgmmaVariant};
@@ -48,7 +52,8 @@ use plan::*;
 use prefill::*;
 
 use cudarc::driver::sys::{CUstream, CUtensorMap};
-use overlap::{record, split_nano_batches, wait, Overlap};
+use overlap::{record, split_nano_batches, wait, LaneTiming, Overlap};
+use overlap_step::step_work;
 
 use crate::config::ModelConfig;
 use crate::forward::{plan_slots, ForwardBatch};
@@ -147,6 +152,15 @@ pub struct CudaLlama {
     /// chooses).
     forced_decode_splits: Option<usize>,
     forced_decode_blocks_per_sm: Option<usize>,
+    /// Blocks a stream decode launch runs as (benchmarks; `None`: one an SM of its lane).
+    forced_stream_ctas: Option<usize>,
+    /// The cost model of `overlap-auto` ([`crate::OverlapPlanner`]).
+    overlap_planner: crate::OverlapPlanner,
+    /// The memory lane's SMs of the last step (`None`: sequential).
+    last_memory_sms: Option<usize>,
+    /// The memory lane's decode kernel a benchmark forces (`None`: the stream kernel where the
+    /// lane has SMs of its own and the GPU has it, else the model's decode kernel).
+    forced_lane_decode: Option<DecodeKernel>,
     /// Decode attention launched as a programmatic dependent of the kernel before it
     /// (compute capability 9.0 and newer, unless a benchmark turns it off).
     decode_dependent_launch: bool,
@@ -242,6 +256,10 @@ impl CudaLlama {
             decode_occupancies: [DecodeOccupancy::default(); DECODE_OCCUPANCIES],
             forced_decode_splits: None,
             forced_decode_blocks_per_sm: None,
+            forced_stream_ctas: None,
+            forced_lane_decode: None,
+            overlap_planner: crate::OverlapPlanner::h200(sm_count),
+            last_memory_sms: None,
             decode_dependent_launch: kernels_cc_major >= 9,
             decode_longest_first: true,
             hidden: Scratch::new(),
@@ -767,8 +785,19 @@ impl CudaLlama {
             .iter()
             .filter(|s| s.tokens.len() == 1)
             .count();
+        self.last_memory_sms = None;
         if self.overlap.is_some() && decodes >= 2 && !profiling {
-            return self.forward_overlapped(batch, cache, &slots);
+            let memory_sms = match self.executor() {
+                StepExecutor::Adaptive => self.overlap_planner.plan(&c, step_work(batch)),
+                _ => self.lane_sms().map(|(_, memory)| memory),
+            };
+            if let Some(k) = memory_sms {
+                if self.executor() == StepExecutor::Adaptive {
+                    self.overlap.as_mut().expect("checked").resize(k)?;
+                }
+                self.last_memory_sms = Some(k);
+                return self.forward_overlapped(batch, cache, &slots);
+            }
         }
         let n = slots.len();
         let plan = AttentionPlan::build(batch, &slots, cache.block_size, self.decode_longest_first);
@@ -1079,96 +1108,6 @@ impl CudaLlama {
         )
     }
 
-    /// [`CudaLlama::forward`] under the overlapped executor (see [`overlap`]): two
-    /// nano-batches (rows `[0, n0)` and `[n0, n)` of the activation buffers) pipelined over the
-    /// compute and memory lanes layer by layer; the main stream waits for both lanes, then
-    /// norms and samples.
-    fn forward_overlapped(
-        &mut self,
-        batch: &ForwardBatch,
-        cache: &CudaKvCache,
-        slots: &[usize],
-    ) -> Result<(), ModelError> {
-        let c = self.config.clone();
-        let nano = split_nano_batches(batch, slots);
-        let rows = [nano.slots[0].len(), nano.slots[1].len()];
-        let n = slots.len();
-        let plans = [0, 1].map(|k| {
-            AttentionPlan::build(
-                &nano.parts[k],
-                &nano.slots[k],
-                cache.block_size,
-                self.decode_longest_first,
-            )
-        });
-        // One upload: both plans, then the logit rows.
-        let mut ints = plans[0].ints.clone();
-        ints.extend_from_slice(&plans[1].ints);
-        let logit_base = ints.len();
-        ints.extend_from_slice(&nano.logit_rows);
-        let dev_ints = self.upload_ints(&ints)?;
-        let part_ints = [dev_ints, dev_ints + 4 * plans[0].ints.len() as u64];
-        let acts = self.activations(n)?;
-        let part_acts = [acts, acts.rows_from(&c, rows[0])];
-        let stream = self.stream.clone();
-        let memory_sms = self.overlap.as_ref().expect("called with lanes").lanes[1].sm_count;
-        let memory_slots = self.decode_slots(memory_sms);
-        let overlap = self.overlap.as_mut().expect("called with lanes");
-        let mut parts = Vec::with_capacity(2);
-        for (k, lane) in overlap.lanes.iter_mut().enumerate() {
-            parts.push(StepRows {
-                plan: &plans[k],
-                ints: part_ints[k],
-                acts: part_acts[k],
-                rows: rows[k],
-                split: decode_split(
-                    &c,
-                    memory_slots,
-                    &stream,
-                    &plans[k],
-                    &mut lane.part_acc,
-                    &mut lane.part_ml,
-                )?,
-            });
-        }
-        // The lanes start after the uploads and allocations queued on the main stream.
-        record(overlap.start, stream.cu_stream())?;
-        let overlap = self.overlap.as_ref().expect("called with lanes");
-        let (compute, memory) = (overlap.lanes[0].stream(), overlap.lanes[1].stream());
-        let gemm = &overlap.lanes[0].gemm;
-        wait(compute, overlap.start)?;
-        wait(memory, overlap.start)?;
-        for part in &parts {
-            self.embed(compute, part)?;
-        }
-        for l in 0..c.num_layers {
-            for (k, part) in parts.iter().enumerate() {
-                self.layer_qkv(l, compute, gemm, part, cache)?;
-                if part.plan.decode_items > 0 {
-                    record(overlap.qkv_ready[k], compute)?;
-                    wait(memory, overlap.qkv_ready[k])?;
-                    self.layer_attention(l, memory, part, cache, AttentionPart::Decode)?;
-                    record(overlap.attention_done[k], memory)?;
-                }
-                self.layer_attention(l, compute, part, cache, AttentionPart::Prefill)?;
-            }
-            for (k, part) in parts.iter().enumerate() {
-                if part.plan.decode_items > 0 {
-                    wait(compute, overlap.attention_done[k])?;
-                }
-                self.layer_out(l, compute, gemm, part)?;
-            }
-        }
-        for lane in &overlap.lanes {
-            record(lane.done, lane.stream())?;
-            wait(stream.cu_stream(), lane.done)?;
-        }
-        let logit_rows = nano.logit_rows.len();
-        self.finish(&acts, n, dev_ints + 4 * logit_base as u64, logit_rows)?;
-        self.last_logit_rows = logit_rows;
-        Ok(())
-    }
-
     /// Mean seconds of `f` over `repeats` runs on the stream, timed by CUDA events.
     pub fn time(
         &self,
@@ -1376,6 +1315,14 @@ mod tests {
                         text.contains(&format!(".entry {name}(")),
                         wanted,
                         "{name} presence for sm_{major}{minor}, all variants {all}"
+                    );
+                }
+                for variant in super::StreamVariant::ALL {
+                    let name = variant.function_name(4);
+                    assert_eq!(
+                        text.contains(&format!(".entry {name}(")),
+                        (major, minor) == (9, 0),
+                        "{name} presence for sm_{major}{minor}"
                     );
                 }
                 if let Some(dir) = std::env::var_os("BLENDSERVE_PTX_DIR") {

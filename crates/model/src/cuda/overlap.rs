@@ -3,12 +3,18 @@
 //! layer runs as a pipeline over two lanes: the compute lane queues every GEMM, norm and the
 //! prefill attention of both nano-batches, the memory lane the decode attention (bound by
 //! KV-cache reads), so that one nano-batch's decode attention runs beside the other's GEMMs.
-//! Per layer, in each lane's order:
+//! The layers are software-pipelined by half a layer, in each lane's order:
 //!
 //! ```text
-//! compute: qkv(0) prefill-attn(0) qkv(1) prefill-attn(1) [wait d(0)] out(0) [wait d(1)] out(1)
-//! memory:  [wait qkv(0)] decode-attn(0) [wait qkv(1)] decode-attn(1)
+//! compute: qkv(0,l) pattn(0,l) [wait d(1,l-1)] out(1,l-1) qkv(1,l) pattn(1,l) [wait d(0,l)] out(0,l)
+//! memory:  [wait qkv(0,l)] decode-attn(0,l) [wait qkv(1,l)] decode-attn(1,l)
 //! ```
+//!
+//! so nano-batch 0's decode attention of layer l runs beside nano-batch 1's output half of layer
+//! l - 1 and its q/k/v, and nano-batch 1's beside nano-batch 0's output half of layer l and the
+//! next layer's q/k/v: the memory lane works beside the whole compute stream. (A first version
+//! finished both nano-batches' layer before the next began, which left the memory lane idle for
+//! the last output half and the first q/k/v of every layer; NOTES.md.)
 //!
 //! With `decode_sms > 0` the two lanes' streams live in CUDA green contexts that split the SMs
 //! between them; with 0 they are plain streams and the hardware scheduler interleaves their
@@ -36,15 +42,20 @@ pub enum StepExecutor {
     /// lane and a memory lane (see the module docs); other steps run sequentially. `memory_sms`
     /// SMs go to the memory lane as `split` says.
     Overlapped { memory_sms: usize, split: SmSplit },
+    /// Per step, [`crate::OverlapPlanner`] decides: sequential, or overlapped on plain streams
+    /// with the memory lane's SMs it chooses and the compute lane's GEMMs sized for the rest
+    /// (as `overlap-gemm:N`).
+    Adaptive,
 }
 
 impl StepExecutor {
     /// The overlapped executors a profile (`--step-executor auto`) times against the sequential
-    /// one: shared SMs, cuBLAS leaving 16 or 32 SMs to decode attention, green contexts of 32 or
-    /// 64 SMs for it.
+    /// one: the per-step planner, shared SMs, cuBLAS leaving 16 or 32 SMs to decode attention,
+    /// green contexts of 32 or 64 SMs for it.
     pub fn profile_candidates() -> Vec<StepExecutor> {
         let overlapped = |memory_sms, split| StepExecutor::Overlapped { memory_sms, split };
         vec![
+            StepExecutor::Adaptive,
             overlapped(0, SmSplit::Shared),
             overlapped(16, SmSplit::GemmTarget),
             overlapped(32, SmSplit::GemmTarget),
@@ -72,6 +83,7 @@ impl std::fmt::Display for StepExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             StepExecutor::Sequential => write!(f, "sequential"),
+            StepExecutor::Adaptive => write!(f, "overlap-auto"),
             StepExecutor::Overlapped {
                 split: SmSplit::Shared,
                 ..
@@ -102,6 +114,7 @@ impl std::str::FromStr for StepExecutor {
         };
         match s {
             "sequential" => Ok(StepExecutor::Sequential),
+            "overlap-auto" => Ok(StepExecutor::Adaptive),
             "overlap" => Ok(StepExecutor::Overlapped {
                 memory_sms: 0,
                 split: SmSplit::Shared,
@@ -110,8 +123,8 @@ impl std::str::FromStr for StepExecutor {
                 .or_else(|| with_sms("overlap-green:", SmSplit::GreenContexts))
                 .ok_or_else(|| {
                     format!(
-                        "unknown executor {s:?}: sequential, overlap, overlap-gemm:MEMORY_SMS \
-                         or overlap-green:MEMORY_SMS"
+                        "unknown executor {s:?}: sequential, overlap, overlap-auto, \
+                         overlap-gemm:MEMORY_SMS or overlap-green:MEMORY_SMS"
                     )
                 }),
         }
@@ -202,6 +215,61 @@ pub(super) struct Overlap {
     /// Per nano-batch: its decode attention of the current layer is done (memory lane).
     pub(super) attention_done: [CUevent; 2],
     pub(super) executor: StepExecutor,
+    /// Timing events of the last step, when a benchmark asked for them.
+    pub(super) timing: Option<std::cell::RefCell<LaneTiming>>,
+}
+
+/// Timed event pairs of one overlapped step (a benchmark's diagnosis): around each decode
+/// attention on the memory lane, and around each wait of the compute lane for one.
+#[derive(Default)]
+pub(super) struct LaneTiming {
+    pub(super) memory: Vec<(CUevent, CUevent)>,
+    pub(super) compute_waits: Vec<(CUevent, CUevent)>,
+}
+
+impl LaneTiming {
+    /// A timing event recorded on `stream`.
+    pub(super) fn mark(stream: CUstream) -> Result<CUevent, ModelError> {
+        let e = cudarc::driver::result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| cuda_err("creating an event", e))?;
+        record(e, stream)?;
+        Ok(e)
+    }
+
+    /// Seconds the memory lane spent in decode attention and the compute lane waiting for it
+    /// (waits for the events to complete).
+    pub(super) fn secs(&self) -> Result<(f64, f64), ModelError> {
+        let sum = |pairs: &[(CUevent, CUevent)]| -> Result<f64, ModelError> {
+            let mut total = 0.0;
+            for &(a, b) in pairs {
+                // SAFETY: both events were created and recorded by this step.
+                let ms = unsafe {
+                    cudarc::driver::result::event::synchronize(b)
+                        .and_then(|_| cudarc::driver::result::event::elapsed(a, b))
+                }
+                .map_err(|e| cuda_err("timing a lane", e))?;
+                total += f64::from(ms) / 1e3;
+            }
+            Ok(total)
+        };
+        Ok((sum(&self.memory)?, sum(&self.compute_waits)?))
+    }
+
+    pub(super) fn clear(&mut self) {
+        for (a, b) in self.memory.drain(..).chain(self.compute_waits.drain(..)) {
+            // SAFETY: created by `mark`, no longer used.
+            unsafe {
+                let _ = cudarc::driver::result::event::destroy(a);
+                let _ = cudarc::driver::result::event::destroy(b);
+            }
+        }
+    }
+}
+
+impl Drop for LaneTiming {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl Drop for Overlap {
@@ -329,10 +397,15 @@ impl Overlap {
         sm_count: usize,
         executor: StepExecutor,
     ) -> Result<Overlap, ModelError> {
-        let StepExecutor::Overlapped { memory_sms, split } = executor else {
-            return Err(ModelError::Cuda(
-                "the sequential executor has no lanes".into(),
-            ));
+        let (memory_sms, split) = match executor {
+            StepExecutor::Sequential => {
+                return Err(ModelError::Cuda(
+                    "the sequential executor has no lanes".into(),
+                ))
+            }
+            // Sized per step (`Overlap::resize`).
+            StepExecutor::Adaptive => (sm_count / 4, SmSplit::GemmTarget),
+            StepExecutor::Overlapped { memory_sms, split } => (memory_sms, split),
         };
         if split != SmSplit::Shared && memory_sms >= sm_count {
             return Err(ModelError::Cuda(format!(
@@ -368,12 +441,25 @@ impl Overlap {
             qkv_ready: [sync_event()?, sync_event()?],
             attention_done: [sync_event()?, sync_event()?],
             executor,
+            timing: None,
         })
     }
 
     /// SMs of the compute and memory lanes.
     pub(super) fn sm_split(&self) -> (usize, usize) {
         (self.lanes[0].sm_count, self.lanes[1].sm_count)
+    }
+
+    /// Gives the memory lane `memory_sms` of the GPU's SMs and the compute lane's GEMMs the
+    /// rest (plain-stream lanes of `overlap-auto`; a no-op when already so).
+    pub(super) fn resize(&mut self, memory_sms: usize) -> Result<(), ModelError> {
+        let total = self.lanes[0].sm_count + self.lanes[1].sm_count;
+        if self.lanes[1].sm_count != memory_sms && memory_sms < total {
+            self.lanes[0].gemm.set_sm_count_target(total - memory_sms)?;
+            self.lanes[0].sm_count = total - memory_sms;
+            self.lanes[1].sm_count = memory_sms;
+        }
+        Ok(())
     }
 }
 
@@ -612,6 +698,7 @@ mod tests {
                 memory_sms: 48,
                 split: SmSplit::GreenContexts,
             },
+            StepExecutor::Adaptive,
         ] {
             assert_eq!(e.to_string().parse::<StepExecutor>(), Ok(e));
         }

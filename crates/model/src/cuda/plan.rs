@@ -94,6 +94,12 @@ pub(super) struct AttentionPlan {
     pub(super) item_rows: usize,
     pub(super) item_ctx: usize,
     pub(super) item_table_off: usize,
+    /// Per decode item, the 16-token chunks of the items before it (`decode_items + 1`
+    /// entries, the last the total): the stream decode kernel's tile numbering.
+    pub(super) item_chunk_start: usize,
+    pub(super) decode_chunks: usize,
+    /// Tokens a cache block (the stream decode kernel's tiles are single blocks of 16).
+    pub(super) block_size: usize,
     pub(super) tile_seq: usize,
     pub(super) tile_q0: usize,
     pub(super) seq_row0: usize,
@@ -113,7 +119,10 @@ impl AttentionPlan {
         block_size: usize,
         longest_decodes_first: bool,
     ) -> AttentionPlan {
-        let mut p = AttentionPlan::default();
+        let mut p = AttentionPlan {
+            block_size,
+            ..AttentionPlan::default()
+        };
         let mut table_off = Vec::new();
         let mut tables = Vec::new();
         for s in &batch.sequences {
@@ -169,6 +178,14 @@ impl AttentionPlan {
             .unwrap_or(0);
         p.item_table_off = ints.len();
         ints.extend(decode.iter().map(|&i| table_off[i]));
+        p.item_chunk_start = ints.len();
+        let mut chunks = 0usize;
+        for &i in &decode {
+            ints.push(chunks as i32);
+            chunks += (batch.sequences[i].start_position + 1).div_ceil(STREAM_DECODE_CHUNK_TOKENS);
+        }
+        ints.push(chunks as i32);
+        p.decode_chunks = chunks;
         p.prefill_seqs = prefill.len();
         let mut tile_seq = Vec::new();
         let mut tile_q0 = Vec::new();
