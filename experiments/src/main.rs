@@ -16,6 +16,7 @@
 mod gpu;
 mod paper;
 mod plot;
+mod ranks;
 
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,14 @@ enum Figure {
         /// Requests per grid workload (the paper's A.3: 40,000).
         #[arg(long, default_value_t = 40_000)]
         grid_requests: usize,
+    },
+    /// Data-parallel ranks: traces #1-#4 cut into 1-8 ranks by BlendServe's sharding and by
+    /// round-robin (speed-up, per-rank spread, prefix hits kept).
+    Ranks {
+        /// Requests per trace (enough that the longest request's latency does not set a
+        /// rank's time: at 40,000 it did).
+        #[arg(long, default_value_t = 200_000)]
+        requests: usize,
     },
     /// Every simulator figure above.
     All,
@@ -502,6 +511,7 @@ fn main() -> Result<()> {
             trace_requests,
             grid_requests,
         } => return paper::paper(&lab, trace_requests, grid_requests),
+        Figure::Ranks { requests } => return ranks::ranks(&lab, requests),
         Figure::Gpu => unreachable!("drawn above"),
     };
     for figure in run {

@@ -77,15 +77,15 @@ fn paper_number(figure: &str, policy: &str) -> (Option<f64>, &'static str) {
     }
 }
 
-struct Prepared {
-    workload: Workload,
-    name: String,
+pub(crate) struct Prepared {
+    pub(crate) workload: Workload,
+    pub(crate) name: String,
     target: (f64, f64),
     density: f64,
     sharing: f64,
 }
 
-fn azure(lab: &Lab) -> Result<Vec<TraceRecord>> {
+pub(crate) fn azure(lab: &Lab) -> Result<Vec<TraceRecord>> {
     let dir = lab
         .common
         .traces_dir
@@ -96,7 +96,7 @@ fn azure(lab: &Lab) -> Result<Vec<TraceRecord>> {
 }
 
 /// A preset workload solved on `hardware`'s prices.
-fn prepare(
+pub(crate) fn prepare(
     lab: &Lab,
     azure: &[TraceRecord],
     hardware: &str,
@@ -196,7 +196,7 @@ fn write_csv(lab: &Lab, name: &str, rows: &[PaperRow]) -> Result<()> {
     Ok(())
 }
 
-fn trace_label(name: &str) -> String {
+pub(crate) fn trace_label(name: &str) -> String {
     name.replace("paper-trace", "trace #")
 }
 

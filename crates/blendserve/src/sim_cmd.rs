@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use scheduler::{Executor, LengthKnowledge, PolicyKind};
+use scheduler::{Executor, LengthKnowledge, PolicyKind, Sharding};
 use sim::{SimConfig, Simulation};
 
 use crate::args::{SchedulerArgs, WorkloadArgs};
@@ -55,6 +55,57 @@ pub struct SimArgs {
     /// Keep one timeline row every this many steps.
     #[arg(long, default_value_t = 1)]
     pub timeline_every: u64,
+    /// Also simulate the workload cut into this many data-parallel ranks (a comma list, e.g.
+    /// 2,4,8), each rank a replica of the configured GPU, under each sharding.
+    #[arg(long)]
+    pub ranks: Option<String>,
+    /// Shardings for `--ranks`: blendserve (one tree cut into snake-dealt segments),
+    /// blendserve:SEGMENTS_PER_RANK, round-robin.
+    #[arg(long, default_value = "blendserve,round-robin")]
+    pub sharding: String,
+    /// CSV file for the `--ranks` results (one row per rank count, sharding, policy, executor).
+    #[arg(long, default_value = "sim-ranks.csv")]
+    pub ranks_csv: PathBuf,
+}
+
+/// One row of `sim --ranks`.
+#[derive(serde::Serialize)]
+struct RanksRow {
+    policy: String,
+    executor: String,
+    sharding: String,
+    ranks: usize,
+    makespan_secs: f64,
+    speedup: f64,
+    /// Largest |rank time / mean - 1|.
+    spread: f64,
+    prefix_hits_kept: f64,
+    rank_secs: String,
+    /// Each rank's percent of its own optimal bound.
+    rank_percent_of_optimal: String,
+}
+
+/// `--ranks`: rank counts (each >= 1) and shardings.
+fn rank_plan(args: &SimArgs) -> Result<(Vec<usize>, Vec<Sharding>)> {
+    let Some(list) = &args.ranks else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let ranks = list
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .with_context(|| format!("--ranks: `{n}` is not a rank count of 1 or more"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shardings = args
+        .sharding
+        .split(',')
+        .map(|s| s.trim().parse::<Sharding>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ranks, shardings))
 }
 
 pub fn build_sim_config(args: &SimArgs, executor: Executor) -> Result<SimConfig> {
@@ -110,6 +161,8 @@ pub fn load_workload(
 
 pub fn run_sim(args: &SimArgs) -> Result<()> {
     let policies = PolicyKind::parse_list(&args.policy)?;
+    let (rank_counts, shardings) = rank_plan(args)?;
+    let mut rank_rows = Vec::new();
     let executors: Vec<Executor> = args
         .executor
         .split(',')
@@ -176,6 +229,41 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
                     workload.requests[*r as usize].id
                 );
             }
+            for &n in &rank_counts {
+                for &sharding in &shardings {
+                    let r = sim::ranks::simulate_ranks(
+                        &workload,
+                        &simulation,
+                        &report,
+                        &build_sim_config(args, executor)?,
+                        (name, kind),
+                        n,
+                        sharding,
+                    )?;
+                    rank_rows.push(RanksRow {
+                        policy: name.to_string(),
+                        executor: executor.to_string(),
+                        sharding: r.sharding.clone(),
+                        ranks: n,
+                        makespan_secs: r.makespan_secs,
+                        speedup: r.speedup,
+                        spread: r.spread,
+                        prefix_hits_kept: r.prefix_hits_kept,
+                        rank_secs: r
+                            .per_rank
+                            .iter()
+                            .map(|p| format!("{:.1}", p.makespan_secs))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        rank_percent_of_optimal: r
+                            .per_rank
+                            .iter()
+                            .map(|p| format!("{:.0}", p.percent_of_optimal))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    });
+                }
+            }
             reports.push(report);
         }
     }
@@ -220,6 +308,50 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
     }
     writer.flush()?;
     println!("wrote {}", args.csv.display());
+    if !rank_rows.is_empty() {
+        print_ranks(&rank_rows, &args.ranks_csv)?;
+    }
+    Ok(())
+}
+
+fn print_ranks(rows: &[RanksRow], csv_path: &std::path::Path) -> Result<()> {
+    let header = [
+        "policy",
+        "executor",
+        "sharding",
+        "ranks",
+        "makespan_s",
+        "speedup",
+        "spread",
+        "hits_kept",
+        "rank_s",
+        "rank_%opt",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.policy.clone(),
+                r.executor.clone(),
+                r.sharding.clone(),
+                r.ranks.to_string(),
+                format!("{:.1}", r.makespan_secs),
+                format!("{:.2}x", r.speedup),
+                format!("{:.1}%", 100.0 * r.spread),
+                format!("{:.1}%", 100.0 * r.prefix_hits_kept),
+                r.rank_secs.clone(),
+                r.rank_percent_of_optimal.clone(),
+            ]
+        })
+        .collect();
+    println!("{}", table::render(&header, &cells));
+    let mut writer = csv::Writer::from_path(csv_path)
+        .with_context(|| format!("cannot write {}", csv_path.display()))?;
+    for r in rows {
+        writer.serialize(r)?;
+    }
+    writer.flush()?;
+    println!("wrote {}", csv_path.display());
     Ok(())
 }
 

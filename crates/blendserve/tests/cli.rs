@@ -254,3 +254,63 @@ fn calibrate_names_what_it_needs() {
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
     assert!(!dir.path().join("h.toml").exists());
 }
+
+/// `sim --ranks`: one row per rank count and sharding, each rank's time listed, the speed-up
+/// and the prefix hits kept in range; a bad rank count or sharding is named.
+#[test]
+fn sim_ranks_compares_shardings() {
+    let dir = tempfile::tempdir().unwrap();
+    let ranks_csv = dir.path().join("ranks.csv");
+    let out = blendserve()
+        .args([
+            "sim",
+            "--policy",
+            "blendserve",
+            "--executor",
+            "max",
+            "--ranks",
+            "1,2,4",
+        ])
+        .arg("--csv")
+        .arg(dir.path().join("out.csv"))
+        .arg("--ranks-csv")
+        .arg(&ranks_csv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut reader = csv::Reader::from_path(&ranks_csv).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 6, "3 rank counts x 2 shardings");
+    for row in &rows {
+        let ranks: usize = row[column("ranks")].parse().unwrap();
+        assert_eq!(row[column("rank_secs")].split(' ').count(), ranks);
+        let speedup: f64 = row[column("speedup")].parse().unwrap();
+        let kept: f64 = row[column("prefix_hits_kept")].parse().unwrap();
+        if ranks == 1 {
+            assert!((speedup - 1.0).abs() < 1e-9 && (kept - 1.0).abs() < 1e-9);
+        } else {
+            assert!(speedup > 1.0 && speedup < 1.5 * ranks as f64, "{speedup}");
+            assert!(kept > 0.5 && kept <= 1.0 + 1e-9, "{kept}");
+        }
+    }
+    for (args, named) in [
+        (&["sim", "--ranks", "0"][..], "rank count"),
+        (
+            &["sim", "--ranks", "2", "--sharding", "hash"][..],
+            "sharding",
+        ),
+    ] {
+        let out = blendserve().args(args).output().unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(named),
+            "{args:?}"
+        );
+    }
+}

@@ -136,6 +136,9 @@ fn run(
 
 fn load(args: &Args) -> Result<(Box<dyn StepModel>, f64), String> {
     let started = Instant::now();
+    if args.executor.is_some() && args.device != "cuda" {
+        return Err("--executor needs --device cuda".into());
+    }
     let model: Box<dyn StepModel> = match args.device.as_str() {
         "cpu" => Box::new(BurnStepModel::new(
             LlamaModel::<model::CpuBackend>::load(&args.model, &Default::default())

@@ -16,6 +16,7 @@ pub mod config;
 pub mod perf;
 pub mod policy;
 mod prepare;
+pub mod shard;
 
 pub use batch::{
     FinishReason, Finished, Rejection, RequestEstimates, ScheduledItem, Scheduler, SchedulerConfig,
@@ -29,6 +30,7 @@ pub use prepare::{
     build_tree, choose_length_sample, estimate_from_samples, estimate_output_tokens,
     LengthKnowledge, Preparation,
 };
+pub use shard::{shard, Sharding};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {

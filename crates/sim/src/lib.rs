@@ -7,6 +7,7 @@
 //! Must not touch: scheduling decisions (all in the scheduler crate) or any GPU code.
 
 pub mod paper;
+pub mod ranks;
 
 use std::time::Instant;
 

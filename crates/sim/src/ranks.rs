@@ -1,0 +1,88 @@
+//! Data-parallel ranks in the simulator: a workload cut into N shards ([`scheduler::shard`]),
+//! each simulated as its own replica under the same policy and configuration, against the
+//! single-rank run. The makespan of N ranks is their slowest rank's.
+
+use scheduler::{shard, PolicyKind, Sharding};
+use serde::Serialize;
+use workload::Workload;
+
+use crate::{SimConfig, SimError, SimReport, Simulation};
+
+/// One sharding of one workload over N ranks, simulated.
+#[derive(Clone, Debug, Serialize)]
+pub struct RanksReport {
+    pub sharding: String,
+    pub ranks: usize,
+    pub policy: String,
+    /// Each rank's report, rank order.
+    pub per_rank: Vec<SimReport>,
+    /// The slowest rank's makespan.
+    pub makespan_secs: f64,
+    /// The single-rank run's makespan over this one's.
+    pub speedup: f64,
+    /// Largest |rank makespan / mean - 1|.
+    pub spread: f64,
+    /// Prompt tokens served from the prefix cache summed over ranks, over the single-rank run's.
+    pub prefix_hits_kept: f64,
+}
+
+/// The requests of `w` at `ids` (submission order kept), as a workload of their own.
+pub fn sub_workload(w: &Workload, ids: &[prefix_tree::RequestIndex]) -> Workload {
+    Workload {
+        requests: ids
+            .iter()
+            .map(|&i| w.requests[i as usize].clone())
+            .collect(),
+        sources: w.sources.clone(),
+    }
+}
+
+/// Prompt tokens a report served from the prefix cache.
+fn hit_tokens(r: &SimReport) -> f64 {
+    r.prefix_hit_ratio * r.prompt_tokens as f64
+}
+
+/// Simulates `kind` on `ranks` shards of `workload` cut by `sharding` (the cut uses `single`'s
+/// preparation) and compares with `single_report`, the single-rank run of the same policy.
+pub fn simulate_ranks(
+    workload: &Workload,
+    single: &Simulation<'_>,
+    single_report: &SimReport,
+    config: &SimConfig,
+    (name, kind): (&str, &PolicyKind),
+    ranks: usize,
+    sharding: Sharding,
+) -> Result<RanksReport, SimError> {
+    let shards = shard(single.preparation(), ranks, sharding);
+    let mut per_rank = Vec::with_capacity(shards.len());
+    for ids in &shards {
+        let part = sub_workload(workload, ids);
+        if part.is_empty() {
+            continue;
+        }
+        let simulation = Simulation::new(&part, config.clone())?;
+        per_rank.push(simulation.run(name, kind, &mut |_, _| {})?);
+    }
+    let makespan_secs = per_rank.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
+    let mean = per_rank.iter().map(|r| r.makespan_secs).sum::<f64>() / per_rank.len().max(1) as f64;
+    let spread = per_rank
+        .iter()
+        .map(|r| (r.makespan_secs / mean - 1.0).abs())
+        .fold(0.0, f64::max);
+    let single_hits = hit_tokens(single_report);
+    let hits: f64 = per_rank.iter().map(hit_tokens).sum();
+    Ok(RanksReport {
+        sharding: sharding.to_string(),
+        ranks,
+        policy: name.to_string(),
+        makespan_secs,
+        speedup: single_report.makespan_secs / makespan_secs.max(1e-12),
+        spread,
+        prefix_hits_kept: if single_hits > 0.0 {
+            hits / single_hits
+        } else {
+            1.0
+        },
+        per_rank,
+    })
+}

@@ -1,0 +1,110 @@
+//! Data-parallel scaling in the simulator (issue 18): the paper's traces #1-#4 cut into 1-8
+//! ranks by BlendServe's sharding (one tree, snake-dealt segments) and by round-robin, each rank
+//! a replica of the same GPU running the BlendServe policy; makespan is the slowest rank's.
+
+use anyhow::Result;
+use scheduler::{LengthKnowledge, PolicyKind, Sharding};
+use serde::Serialize;
+use sim::paper::PAPER_TRACES;
+use sim::ranks::simulate_ranks;
+use sim::{SimConfig, Simulation};
+
+use crate::paper::{azure, prepare, trace_label};
+use crate::plot::{line_chart, Series};
+use crate::Lab;
+
+const HARDWARE: &str = "h200";
+const EXECUTOR: &str = "max";
+const RANKS: [usize; 4] = [1, 2, 4, 8];
+
+#[derive(Serialize)]
+struct RanksRow {
+    workload: String,
+    requests: usize,
+    sharding: String,
+    ranks: usize,
+    makespan_secs: f64,
+    speedup: f64,
+    /// Largest |rank time / mean - 1|.
+    spread: f64,
+    prefix_hits_kept: f64,
+    rank_secs: String,
+}
+
+pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
+    let azure = azure(lab)?;
+    let mut rows = Vec::new();
+    for (k, &target) in PAPER_TRACES.iter().enumerate() {
+        let name = format!("paper-trace{}", k + 1);
+        let w = prepare(lab, &azure, HARDWARE, &name, target, requests)?;
+        let mut config =
+            SimConfig::from_presets(&lab.common.model, HARDWARE, None, EXECUTOR.parse()?)?;
+        config.seed = lab.common.seed;
+        config.lengths = LengthKnowledge::default();
+        let single = Simulation::new(&w.workload, config.clone())?;
+        let kind = PolicyKind::parse("blendserve")?;
+        let report = single.run("blendserve", &kind, &mut |_, _| {})?;
+        for sharding in [Sharding::default(), Sharding::RoundRobin] {
+            for n in RANKS {
+                let r = simulate_ranks(
+                    &w.workload,
+                    &single,
+                    &report,
+                    &config,
+                    ("blendserve", &kind),
+                    n,
+                    sharding,
+                )?;
+                tracing::info!(
+                    "{name} {sharding} x{n}: {:.2}x, spread {:.1}%, hits kept {:.1}%",
+                    r.speedup,
+                    100.0 * r.spread,
+                    100.0 * r.prefix_hits_kept
+                );
+                rows.push(RanksRow {
+                    workload: trace_label(&name),
+                    requests: w.workload.len(),
+                    sharding: sharding.to_string(),
+                    ranks: n,
+                    makespan_secs: r.makespan_secs,
+                    speedup: r.speedup,
+                    spread: r.spread,
+                    prefix_hits_kept: r.prefix_hits_kept,
+                    rank_secs: r
+                        .per_rank
+                        .iter()
+                        .map(|p| format!("{:.1}", p.makespan_secs))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                });
+            }
+        }
+    }
+    println!("wrote {}", lab.write_csv("ranks", &rows)?.display());
+    let mut series: Vec<Series> = Vec::new();
+    for r in &rows {
+        let name = format!("{}, {}", r.workload, r.sharding);
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push((r.ranks as f64, r.speedup)),
+            None => series.push(Series {
+                name,
+                points: vec![(r.ranks as f64, r.speedup)],
+                dashed: r.sharding == "round-robin",
+            }),
+        }
+    }
+    series.push(Series {
+        name: "linear".into(),
+        points: RANKS.iter().map(|&n| (n as f64, n as f64)).collect(),
+        dashed: true,
+    });
+    line_chart(
+        &lab.svg("ranks"),
+        &format!(
+            "Data-parallel ranks, simulated ({HARDWARE}, executor {EXECUTOR}, BlendServe policy)"
+        ),
+        "ranks (replicas of the GPU)",
+        "speed-up over one rank (x)",
+        &series,
+    )
+}
