@@ -5,6 +5,7 @@ mod batch_file;
 mod calibrate_cmd;
 mod chat_template;
 mod demo;
+mod ranks_cmd;
 mod run_cmd;
 mod sim_cmd;
 mod table;
@@ -38,6 +39,8 @@ enum Command {
     /// Time a grid of steps on the GPU and fit the performance model's rates to them (a
     /// hardware TOML for `run --hardware-config` and `sim --config`).
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Join the outputs of `run --rank K --ranks N` into one file in input order.
+    Merge(ranks_cmd::MergeArgs),
 }
 
 fn main() -> Result<()> {
@@ -54,5 +57,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => sim_cmd::run_generate(&args),
         Command::Inspect(args) => sim_cmd::run_inspect(&args),
         Command::Calibrate(args) => calibrate_cmd::run_calibrate(&args),
+        Command::Merge(args) => ranks_cmd::run_merge(&args),
     }
 }

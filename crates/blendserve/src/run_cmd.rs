@@ -115,6 +115,18 @@ pub struct RunArgs {
     /// time for the same step (to calibrate the model).
     #[arg(long)]
     pub timeline: Option<PathBuf>,
+    /// Run only this rank's share of the batch (0-based; with --ranks): the whole input is cut
+    /// into --ranks shares the same way on every rank, and `blendserve merge` joins the ranks'
+    /// outputs. Lines refused up front are written by rank 0.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// How many data-parallel ranks the batch is cut into (with --rank).
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// How the ranks are cut: blendserve (one prefix tree, snake-dealt equal-demand segments),
+    /// blendserve:SEGMENTS_PER_RANK, round-robin.
+    #[arg(long, default_value = "blendserve")]
+    pub sharding: String,
 }
 
 /// One row of --timeline.
@@ -947,6 +959,47 @@ fn choose_step_executor(
     Ok(Some(profile))
 }
 
+/// With `--rank K --ranks N`, rank K's entries: its share of the jobs (cut from all of them,
+/// so every rank cuts alike) and, on rank 0, the lines refused up front.
+fn keep_rank(entries: Vec<Entry>, args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
+    let Some((rank, ranks)) = crate::ranks_cmd::check_rank(args.rank, args.ranks)? else {
+        return Ok(entries);
+    };
+    let sharding: scheduler::Sharding = args.sharding.parse()?;
+    let requests: Vec<workload::Request> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Job(j) => Some(j.request.scheduler_request(None)),
+            Entry::Error(_) => None,
+        })
+        .collect();
+    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
+    let rank_of = crate::ranks_cmd::request_ranks(
+        requests,
+        &perf_model(args, info, dtype_bytes)?,
+        args.assume_known_lengths,
+        args.workload.seed,
+        ranks,
+        sharding,
+    );
+    let mut job = 0;
+    let kept: Vec<Entry> = entries
+        .into_iter()
+        .filter(|e| match e {
+            Entry::Job(_) => {
+                job += 1;
+                rank_of[job - 1] == rank
+            }
+            Entry::Error(_) => rank == 0,
+        })
+        .collect();
+    tracing::info!(
+        "rank {rank} of {ranks} ({sharding}): {} of {job} requests",
+        kept.iter().filter(|e| matches!(e, Entry::Job(_))).count()
+    );
+    Ok(kept)
+}
+
 /// The workload the scheduler sees, with the lengths each request actually generated (for the
 /// bound and the prediction).
 fn realized_workload(jobs: &[Job], output_tokens: &[u32]) -> Workload {
@@ -999,6 +1052,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             openai_entries(demo::DEMO_BATCH, &info, args)
         }
     };
+    let entries = keep_rank(entries, args, &info)?;
     let total_entries = entries.len();
     let already = match (&args.output, args.resume) {
         (Some(path), true) => finished_in_output(path)?,

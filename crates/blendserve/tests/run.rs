@@ -291,3 +291,118 @@ fn a_bad_setting_fails_before_the_output_is_touched() {
         );
     }
 }
+
+/// Data-parallel ranks: every rank of 1, 2 and 3 cuts the batch alike, runs its share, and
+/// `merge` joins them into the single run's output line for line (`created` aside), in input
+/// order; a missing rank is named by the lines it leaves without a result, and a result in two
+/// rank outputs is refused.
+#[test]
+fn ranks_run_their_shares_and_merge_into_the_single_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("batch.jsonl");
+    let prompts = [
+        "You are a helpful assistant. Translate to French: good morning",
+        "You are a helpful assistant. Translate to French: good night",
+        "You are a helpful assistant. Translate to French: thank you very much",
+        "Summarise: the quick brown fox jumps over the lazy dog",
+        "Summarise: a stitch in time saves nine",
+        "Count: one two three four",
+        "Count: five six seven eight nine ten",
+    ];
+    let mut lines: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| completion(&format!("req-{i}"), p, json!({})))
+        .collect();
+    lines.insert(3, "{not json".to_string());
+    write_batch(&input, &lines);
+    let input_s = input.to_str().unwrap();
+    let single = dir.path().join("single.jsonl");
+    run_ok(&[
+        "run",
+        "--input",
+        input_s,
+        "--output",
+        single.to_str().unwrap(),
+    ]);
+    let single_lines = read_lines(&single);
+    let strip = |mut v: Value| {
+        v["response"]["body"]["created"] = json!(0);
+        v
+    };
+    for ranks in [1usize, 2, 3] {
+        let mut outputs = Vec::new();
+        for rank in 0..ranks {
+            let out = dir.path().join(format!("r{rank}-of-{ranks}.jsonl"));
+            let (r, n) = (rank.to_string(), ranks.to_string());
+            run_ok(&[
+                "run",
+                "--input",
+                input_s,
+                "--rank",
+                &r,
+                "--ranks",
+                &n,
+                "--output",
+                out.to_str().unwrap(),
+            ]);
+            outputs.push(out);
+        }
+        let merged = dir.path().join(format!("merged-{ranks}.jsonl"));
+        let mut args = vec![
+            "merge",
+            "--input",
+            input_s,
+            "--out",
+            merged.to_str().unwrap(),
+        ];
+        args.extend(outputs.iter().map(|p| p.to_str().unwrap()));
+        run_ok(&args);
+        let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
+        let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
+        assert_eq!(got, want, "{ranks} ranks");
+    }
+    // Rank 1 of 2 missing: the merge keeps rank 0's results and names the lines left over.
+    let merged = dir.path().join("partial.jsonl");
+    let out = blendserve()
+        .args([
+            "merge",
+            "--input",
+            input_s,
+            "--out",
+            merged.to_str().unwrap(),
+        ])
+        .arg(dir.path().join("r0-of-2.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("have no result") && stderr.contains("batch_req_"),
+        "{stderr}"
+    );
+    assert_eq!(
+        read_lines(&merged).len(),
+        read_lines(&dir.path().join("r0-of-2.jsonl")).len()
+    );
+    // The same rank twice: refused.
+    let r0 = dir.path().join("r0-of-2.jsonl");
+    let out = blendserve()
+        .args(["merge", "--out", merged.to_str().unwrap()])
+        .args([&r0, &r0])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is in both"));
+    // --rank without --ranks, or out of range: a clear error before anything runs.
+    for bad in [&["--rank", "0"][..], &["--rank", "2", "--ranks", "2"][..]] {
+        let mut args = vec!["run", "--input", input_s];
+        args.extend_from_slice(bad);
+        let out = blendserve().args(&args).output().unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--rank"),
+            "{bad:?}"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! Data-parallel ranks of `blendserve run`: which of a batch's requests rank K of N runs
+//! (`run --rank K --ranks N`, planned deterministically from the whole input, so every rank
+//! computes the same cut), and `blendserve merge`, which joins the ranks' outputs into one file
+//! in input order and says which lines are missing and so which rank to rerun.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use scheduler::{shard, LengthKnowledge, PerfModel, Preparation, Sharding};
+use serde_json::Value;
+use workload::{Request, Workload};
+
+/// Each request's rank, for `ranks` ranks cut by `sharding` from the requests in input order
+/// (priced by `perf`; output lengths as the scheduler will know them: the recorded ones when
+/// `known_lengths`, else `max_tokens`).
+pub fn request_ranks(
+    requests: Vec<Request>,
+    perf: &PerfModel,
+    known_lengths: bool,
+    seed: u64,
+    ranks: usize,
+    sharding: Sharding,
+) -> Vec<usize> {
+    let n = requests.len();
+    let workload = Workload {
+        requests,
+        sources: vec!["run".into()],
+    };
+    let lengths = if known_lengths {
+        LengthKnowledge::Known
+    } else {
+        LengthKnowledge::MaxTokens
+    };
+    let preparation = Preparation::new(&workload, perf, lengths, seed);
+    let mut rank_of = vec![0; n];
+    for (rank, ids) in shard(&preparation, ranks, sharding).iter().enumerate() {
+        for &i in ids {
+            rank_of[i as usize] = rank;
+        }
+    }
+    rank_of
+}
+
+/// `--rank K --ranks N`: both or neither, K < N.
+pub fn check_rank(rank: Option<usize>, ranks: Option<usize>) -> Result<Option<(usize, usize)>> {
+    match (rank, ranks) {
+        (None, None) => Ok(None),
+        (Some(k), Some(n)) if n >= 1 && k < n => Ok(Some((k, n))),
+        (Some(k), Some(n)) => bail!(
+            "--rank {k} is not one of --ranks {n} (0 to {})",
+            n.max(1) - 1
+        ),
+        (Some(_), None) => bail!("--rank needs --ranks N"),
+        (None, Some(_)) => bail!("--ranks needs --rank K (which of the ranks this run is)"),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The ranks' output files (`run --rank K --ranks N --output ...`).
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+    /// The merged output, in input order.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The batch every rank ran: checks that every line of it has a result.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+}
+
+/// One result line of a rank's output: its line-based id and text.
+struct ResultLine {
+    id: String,
+    text: String,
+}
+
+/// The complete result lines of one output file (a torn last line, from a rank that died while
+/// writing, is left out with a warning).
+fn read_results(path: &Path) -> Result<Vec<ResultLine>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        let complete = line.ends_with('\n');
+        let body = line.trim_end();
+        if body.is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(body);
+        match parsed {
+            Ok(v) => {
+                let id = v.get("id").and_then(Value::as_str).with_context(|| {
+                    format!(
+                        "{}:{}: a result line without an `id`",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                out.push(ResultLine {
+                    id: id.to_string(),
+                    text: body.to_string(),
+                });
+            }
+            Err(_) if !complete && i + 1 == lines.len() => {
+                tracing::warn!("{}: dropping a torn last line", path.display());
+            }
+            Err(e) => bail!("{}:{}: not a result line: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
+/// The line-based ids of every non-empty line of a batch file (what `run` names results by).
+fn input_ids(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, _)| crate::batch_file::line_id(i + 1))
+        .collect())
+}
+
+pub fn run_merge(args: &MergeArgs) -> Result<()> {
+    let mut all: Vec<ResultLine> = Vec::new();
+    let mut from: HashMap<String, usize> = HashMap::new();
+    for (k, path) in args.shards.iter().enumerate() {
+        for line in read_results(path)? {
+            if let Some(&other) = from.get(&line.id) {
+                bail!(
+                    "{} is in both {} and {}: were the ranks cut the same way?",
+                    line.id,
+                    args.shards[other].display(),
+                    path.display()
+                );
+            }
+            from.insert(line.id.clone(), k);
+            all.push(line);
+        }
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    // Written whole, then renamed: a merge never leaves a half file where the output was.
+    let tmp = args.out.with_extension("merge-tmp");
+    {
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        for line in &all {
+            writeln!(out, "{}", line.text)?;
+        }
+        out.flush()?;
+    }
+    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "merged {} results from {} rank outputs into {}",
+        all.len(),
+        args.shards.len(),
+        args.out.display()
+    );
+    if let Some(input) = &args.input {
+        let missing: Vec<String> = input_ids(input)?
+            .into_iter()
+            .filter(|id| !from.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            let shown: Vec<&str> = missing.iter().take(8).map(String::as_str).collect();
+            bail!(
+                "{} of {}'s lines have no result ({}{}); rerun the ranks that ran them with \
+                 --resume on their own output, then merge again (the merged file holds every \
+                 result so far)",
+                missing.len(),
+                input.display(),
+                shown.join(", "),
+                if missing.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
+        println!("every line of {} has a result", input.display());
+    }
+    Ok(())
+}
