@@ -187,3 +187,122 @@ pub fn run_merge(args: &MergeArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The command line of this process with `--devices` and `--output` (and their values) left
+/// out, for the ranks' child processes.
+fn child_args(skip: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if skip.contains(&a.as_str()) {
+            args.next();
+        } else if !skip.iter().any(|s| a.starts_with(&format!("{s}="))) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Rank k's output beside the merged one: `OUT.rank-k.jsonl` (and `.log`).
+fn rank_path(out: &Path, rank: usize, ext: &str) -> PathBuf {
+    let mut name = out.file_stem().unwrap_or_default().to_os_string();
+    name.push(format!(".rank-{rank}.{ext}"));
+    out.with_file_name(name)
+}
+
+/// Lines written so far to a rank's output.
+fn lines_in(path: &Path) -> u64 {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+}
+
+/// `run --devices 0,1,..`: one child `run --rank k --ranks N` per device (CUDA_VISIBLE_DEVICES
+/// set to it), one progress bar over all of them, then `merge` into `--output`. A rank that
+/// fails leaves the others' results (merged) and its log, and the error says how to rerun it.
+pub fn run_on_devices(args: &crate::run_cmd::RunArgs, devices: &str) -> Result<()> {
+    let devices: Vec<&str> = devices.split(',').map(str::trim).collect();
+    if devices.iter().any(|d| d.is_empty()) {
+        bail!("--devices takes a comma list of device ids, e.g. 0,1,2,3");
+    }
+    if args.rank.is_some() || args.ranks.is_some() {
+        bail!("--devices runs every rank itself: leave out --rank and --ranks");
+    }
+    let Some(out) = &args.output else {
+        bail!("--devices needs --output (the merged result; each rank's goes beside it)");
+    };
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let base = child_args(&["--devices", "--output"]);
+    let n = devices.len();
+    let mut children = Vec::with_capacity(n);
+    for (rank, device) in devices.iter().enumerate() {
+        let log_path = rank_path(out, rank, "log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = std::process::Command::new(&exe)
+            .args(&base)
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--ranks",
+                &n.to_string(),
+                "--output",
+            ])
+            .arg(rank_path(out, rank, "jsonl"))
+            .env("CUDA_VISIBLE_DEVICES", device)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting rank {rank} on device {device}"))?;
+        children.push((rank, *device, child));
+    }
+    let total = args
+        .input
+        .as_deref()
+        .and_then(|p| input_ids(p).ok())
+        .map_or(0, |ids| ids.len() as u64);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} results, {elapsed} (ETA {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{n} ranks"));
+    let mut failed = Vec::new();
+    let mut running = children;
+    while !running.is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (rank, device, mut child) in running {
+            match child.try_wait()? {
+                None => still.push((rank, device, child)),
+                Some(status) if status.success() => {}
+                Some(status) => failed.push((rank, device, status)),
+            }
+        }
+        running = still;
+        bar.set_position((0..n).map(|k| lines_in(&rank_path(out, k, "jsonl"))).sum());
+    }
+    bar.finish_and_clear();
+    let shards: Vec<PathBuf> = (0..n)
+        .map(|k| rank_path(out, k, "jsonl"))
+        .filter(|p| p.exists())
+        .collect();
+    run_merge(&MergeArgs {
+        shards,
+        out: out.clone(),
+        input: if failed.is_empty() {
+            args.input.clone()
+        } else {
+            None
+        },
+    })?;
+    if let Some((rank, device, status)) = failed.first() {
+        bail!(
+            "rank {rank} (device {device}) failed ({status}): see {}; the merged output holds \
+             every other result. Rerun the same command with --resume to finish it",
+            rank_path(out, *rank, "log").display()
+        );
+    }
+    Ok(())
+}

@@ -123,6 +123,12 @@ pub struct RunArgs {
     /// How many data-parallel ranks the batch is cut into (with --rank).
     #[arg(long)]
     pub ranks: Option<usize>,
+    /// Run one rank per listed device on this host (a comma list of device ids, e.g. 0,1,2,3;
+    /// each rank a child process seeing only its device through CUDA_VISIBLE_DEVICES), then
+    /// merge the ranks' outputs into --output. Rank k's output and log stay beside it as
+    /// OUTPUT.rank-k.jsonl / .log (`--resume` resumes each).
+    #[arg(long)]
+    pub devices: Option<String>,
     /// How the ranks are cut: blendserve (one prefix tree, snake-dealt equal-demand segments),
     /// blendserve:SEGMENTS_PER_RANK, round-robin.
     #[arg(long, default_value = "blendserve")]
@@ -1015,6 +1021,9 @@ fn realized_workload(jobs: &[Job], output_tokens: &[u32]) -> Workload {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    if let Some(devices) = &args.devices {
+        return crate::ranks_cmd::run_on_devices(args, devices);
+    }
     let policy = PolicyKind::parse(&args.policy)?;
     let order_by_input = match args.order.as_str() {
         "input" => true,

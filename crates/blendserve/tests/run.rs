@@ -362,6 +362,21 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
         assert_eq!(got, want, "{ranks} ranks");
     }
+    // One host, several devices: the ranks as child processes, merged into --output.
+    let merged = dir.path().join("devices.jsonl");
+    run_ok(&[
+        "run",
+        "--input",
+        input_s,
+        "--devices",
+        "0,1",
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
+    let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
+    assert_eq!(got, want, "--devices 0,1");
+    assert!(dir.path().join("devices.rank-1.jsonl").exists());
     // Rank 1 of 2 missing: the merge keeps rank 0's results and names the lines left over.
     let merged = dir.path().join("partial.jsonl");
     let out = blendserve()
