@@ -39,6 +39,10 @@ enum Command {
     /// Time a grid of steps on the GPU and fit the performance model's rates to them (a
     /// hardware TOML for `run --hardware-config` and `sim --config`).
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Cut a batch into `--ranks` shard files (in the `--output` folder) and a manifest of each
+    /// rank's predicted time, density and prefix sharing; run each with `run --shard
+    /// DIR/rank-K`, join with `merge`. Takes `run`'s input, model and hardware settings.
+    Plan(run_cmd::RunArgs),
     /// Join the outputs of `run --rank K --ranks N` into one file in input order.
     Merge(ranks_cmd::MergeArgs),
 }
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => sim_cmd::run_generate(&args),
         Command::Inspect(args) => sim_cmd::run_inspect(&args),
         Command::Calibrate(args) => calibrate_cmd::run_calibrate(&args),
+        Command::Plan(args) => run_cmd::plan(&args),
         Command::Merge(args) => ranks_cmd::run_merge(&args),
     }
 }

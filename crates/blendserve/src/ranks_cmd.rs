@@ -306,3 +306,137 @@ pub fn run_on_devices(args: &crate::run_cmd::RunArgs, devices: &str) -> Result<(
     }
     Ok(())
 }
+
+/// One rank in `manifest.json`.
+#[derive(serde::Serialize)]
+struct PlannedRank {
+    rank: usize,
+    file: String,
+    requests: usize,
+    /// The simulator's time for this rank alone (output lengths as planned: `max_tokens`
+    /// unless known), seconds.
+    predicted_secs: f64,
+    /// Compute seconds over memory seconds of the rank's predicted demand.
+    density: f64,
+    /// Prompt tokens a perfect prefix cache saves within the rank.
+    shared_prompt_tokens: f64,
+}
+
+#[derive(serde::Serialize)]
+struct Manifest {
+    ranks: usize,
+    sharding: String,
+    model: String,
+    hardware: String,
+    requests: usize,
+    /// The simulator's time for the whole input on one rank.
+    predicted_single_secs: f64,
+    /// The slowest rank's predicted time.
+    predicted_secs: f64,
+    /// Prompt tokens the ranks' prefix caches can save, over what one rank's could.
+    sharing_kept: f64,
+    per_rank: Vec<PlannedRank>,
+}
+
+/// The simulator's view of `requests` alone: predicted seconds, density, shared prompt tokens.
+fn predict(requests: Vec<Request>, perf: &PerfModel, policy: &str) -> Result<(f64, f64, f64)> {
+    let workload = Workload {
+        requests,
+        sources: vec!["plan".into()],
+    };
+    if workload.is_empty() {
+        return Ok((0.0, 1.0, 0.0));
+    }
+    let mut config = sim::SimConfig::new(perf.model.clone(), perf.hardware.clone(), perf.executor);
+    config.lengths = LengthKnowledge::Known;
+    let simulation = sim::Simulation::new(&workload, config)?;
+    let kind = scheduler::PolicyKind::parse(policy)?;
+    let report = simulation.run(policy, &kind, &mut |_, _| {})?;
+    let p = simulation.preparation();
+    let shared = p.tree.sharing_ratio() * p.tree.total_prompt_tokens() as f64;
+    Ok((report.makespan_secs, p.annotation.total().density(), shared))
+}
+
+/// Writes `plan`'s shard files and manifest (see `run_cmd::plan`): rank k's file is the input
+/// with every line not of rank k blanked.
+#[allow(clippy::too_many_arguments)]
+pub fn write_plan(
+    dir: &Path,
+    text: &str,
+    line_rank: &HashMap<usize, usize>,
+    ranks: usize,
+    sharding: &Sharding,
+    requests: &[Request],
+    rank_of: &[usize],
+    perf: &PerfModel,
+    policy: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut per_rank = Vec::with_capacity(ranks);
+    for rank in 0..ranks {
+        let name = format!("rank-{rank}.jsonl");
+        let mut out = String::with_capacity(text.len() / ranks.max(1));
+        for (i, line) in text.lines().enumerate() {
+            if line_rank.get(&(i + 1)) == Some(&rank) {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        let path = dir.join(&name);
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        let mine: Vec<Request> = requests
+            .iter()
+            .zip(rank_of)
+            .filter(|(_, &r)| r == rank)
+            .map(|(q, _)| q.clone())
+            .collect();
+        let count = mine.len();
+        let (predicted_secs, density, shared_prompt_tokens) = predict(mine, perf, policy)?;
+        per_rank.push(PlannedRank {
+            rank,
+            file: name,
+            requests: count,
+            predicted_secs,
+            density,
+            shared_prompt_tokens,
+        });
+    }
+    let (single, _, shared) = predict(requests.to_vec(), perf, policy)?;
+    let manifest = Manifest {
+        ranks,
+        sharding: sharding.to_string(),
+        model: perf.model.name.clone(),
+        hardware: perf.hardware.name.clone(),
+        requests: requests.len(),
+        predicted_single_secs: single,
+        predicted_secs: per_rank
+            .iter()
+            .map(|r| r.predicted_secs)
+            .fold(0.0, f64::max),
+        sharing_kept: if shared > 0.0 {
+            per_rank.iter().map(|r| r.shared_prompt_tokens).sum::<f64>() / shared
+        } else {
+            1.0
+        },
+        per_rank,
+    };
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "planned {} requests into {ranks} ranks in {}: predicted {:.1}s per rank at most \
+         (one rank {:.1}s), {:.1}% of the prefix sharing kept",
+        manifest.requests,
+        dir.display(),
+        manifest.predicted_secs,
+        manifest.predicted_single_secs,
+        100.0 * manifest.sharing_kept
+    );
+    for r in &manifest.per_rank {
+        println!(
+            "  rank {}: {} requests, {:.1}s, density {:.2}",
+            r.rank, r.requests, r.predicted_secs, r.density
+        );
+    }
+    Ok(())
+}

@@ -120,9 +120,13 @@ pub struct RunArgs {
     /// outputs. Lines refused up front are written by rank 0.
     #[arg(long)]
     pub rank: Option<usize>,
-    /// How many data-parallel ranks the batch is cut into (with --rank).
+    /// How many data-parallel ranks the batch is cut into (with --rank; `plan`: how many shard
+    /// files to write).
     #[arg(long)]
     pub ranks: Option<usize>,
+    /// Run one shard `blendserve plan` wrote (`DIR/rank-K`, `.jsonl` optional) as the input.
+    #[arg(long)]
+    pub shard: Option<PathBuf>,
     /// Run one rank per listed device on this host (a comma list of device ids, e.g. 0,1,2,3;
     /// each rank a child process seeing only its device through CUDA_VISIBLE_DEVICES), then
     /// merge the ranks' outputs into --output. Rank k's output and log stay beside it as
@@ -965,6 +969,112 @@ fn choose_step_executor(
     Ok(Some(profile))
 }
 
+/// The run's requests, in input order (bad lines become error entries).
+fn load_entries(args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
+    Ok(match (&input_path(args)?, &args.workload.workload) {
+        (Some(_), Some(_)) => bail!("give --input or --workload, not both"),
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if is_openai_batch(&text) {
+                openai_entries(&text, info, args)
+            } else {
+                let workload = workload::native::parse_native_jsonl(&text, path)?;
+                workload_entries(&workload, info, args)
+            }
+        }
+        (None, Some(_)) => {
+            let (workload, _) = args.workload.load()?;
+            workload_entries(&workload, info, args)
+        }
+        (None, None) => {
+            tracing::info!("no --input: running the bundled sample batch");
+            openai_entries(demo::DEMO_BATCH, info, args)
+        }
+    })
+}
+
+/// `--input`, or the file of `--shard DIR/rank-K` (`.jsonl` added when missing).
+fn input_path(args: &RunArgs) -> Result<Option<PathBuf>> {
+    match (&args.input, &args.shard) {
+        (Some(_), Some(_)) => bail!("give --input or --shard, not both"),
+        (None, Some(shard)) if shard.extension().is_none() => {
+            Ok(Some(shard.with_extension("jsonl")))
+        }
+        (input, shard) => Ok(input.clone().or_else(|| shard.clone())),
+    }
+}
+
+/// `blendserve plan`: the input cut into `--ranks` shard files in `--output` (a folder), each the
+/// input with the other ranks' lines blanked (so results keep their line-based ids and `merge`
+/// restores input order), and `manifest.json` with each rank's requests, predicted time
+/// (the simulator, on the run's hardware and policy), compute density and prefix sharing.
+pub fn plan(args: &RunArgs) -> Result<()> {
+    let ranks = args.ranks.context("plan needs --ranks N")?;
+    let dir = args
+        .output
+        .as_ref()
+        .context("plan needs --output DIR (the folder for the shards and manifest)")?;
+    let Some(input) = &args.input else {
+        bail!("plan needs --input FILE (a batch or native JSONL file)");
+    };
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => demo::demo_model_dir()?,
+    };
+    let info = ModelInfo::load(&model_dir)?;
+    let entries = load_entries(args, &info)?;
+    let sharding: scheduler::Sharding = args.sharding.parse()?;
+    let jobs: Vec<&Job> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Job(j) => Some(j),
+            Entry::Error(_) => None,
+        })
+        .collect();
+    let requests: Vec<workload::Request> = jobs
+        .iter()
+        .map(|j| j.request.scheduler_request(None))
+        .collect();
+    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
+    let perf = perf_model(args, &info, dtype_bytes)?;
+    let rank_of = crate::ranks_cmd::request_ranks(
+        requests.clone(),
+        &perf,
+        args.assume_known_lengths,
+        args.workload.seed,
+        ranks,
+        sharding,
+    );
+    // Each input line's rank: its job's, or rank 0 for a line refused up front.
+    let mut line_rank: HashMap<usize, usize> = HashMap::new();
+    let mut job = 0;
+    for e in &entries {
+        match e {
+            Entry::Job(j) => {
+                line_rank.insert(j.line, rank_of[job]);
+                job += 1;
+            }
+            Entry::Error(err) => {
+                line_rank.insert(err.line, 0);
+            }
+        }
+    }
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    crate::ranks_cmd::write_plan(
+        dir,
+        &text,
+        &line_rank,
+        ranks,
+        &sharding,
+        &requests,
+        &rank_of,
+        &perf,
+        &args.policy,
+    )
+}
+
 /// With `--rank K --ranks N`, rank K's entries: its share of the jobs (cut from all of them,
 /// so every rank cuts alike) and, on rank 0, the lines refused up front.
 fn keep_rank(entries: Vec<Entry>, args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
@@ -1038,30 +1148,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => demo::demo_model_dir()?,
     };
     let info = ModelInfo::load(&model_dir)?;
-
-    // Requests, in input order (bad lines become error entries).
-    let entries: Vec<Entry> = match (&args.input, &args.workload.workload) {
-        (Some(_), Some(_)) => bail!("give --input or --workload, not both"),
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if is_openai_batch(&text) {
-                openai_entries(&text, &info, args)
-            } else {
-                let workload = workload::native::parse_native_jsonl(&text, path)?;
-                workload_entries(&workload, &info, args)
-            }
-        }
-        (None, Some(_)) => {
-            let (workload, _) = args.workload.load()?;
-            workload_entries(&workload, &info, args)
-        }
-        (None, None) => {
-            tracing::info!("no --input: running the bundled sample batch");
-            openai_entries(demo::DEMO_BATCH, &info, args)
-        }
-    };
-    let entries = keep_rank(entries, args, &info)?;
+    let entries = keep_rank(load_entries(args, &info)?, args, &info)?;
     let total_entries = entries.len();
     let already = match (&args.output, args.resume) {
         (Some(path), true) => finished_in_output(path)?,

@@ -362,6 +362,49 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
         assert_eq!(got, want, "{ranks} ranks");
     }
+    // plan: shard files and a manifest; each shard run on its own, then merged.
+    let plan = dir.path().join("plan");
+    let plan_s = plan.to_str().unwrap();
+    run_ok(&[
+        "plan", "--input", input_s, "--ranks", "3", "--output", plan_s,
+    ]);
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(plan.join("manifest.json")).unwrap())
+            .unwrap();
+    let planned = manifest["per_rank"].as_array().unwrap();
+    assert_eq!(planned.len(), 3);
+    let requests: u64 = planned
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, prompts.len() as u64);
+    assert!(manifest["sharing_kept"].as_f64().unwrap() > 0.0);
+    let mut outputs = Vec::new();
+    for rank in 0..3 {
+        let out = dir.path().join(format!("shard-{rank}.jsonl"));
+        let shard = plan.join(format!("rank-{rank}"));
+        run_ok(&[
+            "run",
+            "--shard",
+            shard.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        outputs.push(out);
+    }
+    let merged = dir.path().join("merged-plan.jsonl");
+    let mut args = vec![
+        "merge",
+        "--input",
+        input_s,
+        "--out",
+        merged.to_str().unwrap(),
+    ];
+    args.extend(outputs.iter().map(|p| p.to_str().unwrap()));
+    run_ok(&args);
+    let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
+    let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
+    assert_eq!(got, want, "plan + run --shard + merge");
     // One host, several devices: the ranks as child processes, merged into --output.
     let merged = dir.path().join("devices.jsonl");
     run_ok(&[
