@@ -6,7 +6,8 @@
 //! each request with its share of the prefixes above it), and deals the segments to the ranks
 //! in a snake (0, 1, .., N-1, N-1, .., 0, 0, ..), so every rank gets the same amount of work from
 //! every part of the density range and prefix sharing is lost only where a cut falls inside a
-//! shared prefix (at most one root-to-leaf path per cut). Round-robin (request i to rank i mod
+//! shared prefix (at most one root-to-leaf path per cut). Small workloads get fewer segments (at
+//! least 64 requests a segment, at least 2 segments a rank). Round-robin (request i to rank i mod
 //! N, what vLLM and SGLang's data parallelism does) is the baseline beside it.
 
 use std::str::FromStr;
@@ -93,7 +94,7 @@ pub fn shard(
             let order = resource_aware_order(&preparation.tree, &preparation.annotation, &layout);
             let weight = |d: prefix_tree::Demand| d.compute_secs + d.memory_secs;
             let total: f64 = order.iter().map(|o| weight(o.demand)).sum();
-            let segments = ranks * segments_per_rank.max(1);
+            let segments = ranks * segments_per_rank_for(n, ranks, segments_per_rank);
             let mut done = 0.0;
             for o in &order {
                 // The segment whose demand range holds this request's midpoint.
@@ -112,6 +113,17 @@ pub fn shard(
         }
     }
     out
+}
+
+/// Fewest requests a segment should hold: smaller segments cut more prefix groups than they
+/// even out.
+const MIN_SEGMENT_REQUESTS: usize = 64;
+
+/// Segments a rank of `n` requests over `ranks` ranks gets: `wanted`, fewer where segments would
+/// hold under [`MIN_SEGMENT_REQUESTS`], and never under 2 (one from each half of the density
+/// range, so every rank keeps the mix).
+fn segments_per_rank_for(n: usize, ranks: usize, wanted: usize) -> usize {
+    (n / (ranks * MIN_SEGMENT_REQUESTS)).clamp(2, wanted.max(2))
 }
 
 /// The rank segment `segment` goes to when dealt in a snake over `ranks` ranks.
