@@ -30,7 +30,7 @@ pub use prepare::{
     build_tree, choose_length_sample, estimate_from_samples, estimate_output_tokens,
     LengthKnowledge, Preparation,
 };
-pub use shard::{shard, Sharding};
+pub use shard::{shard, shard_weighted, Sharding};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {

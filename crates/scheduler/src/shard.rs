@@ -80,7 +80,18 @@ pub fn shard(
     ranks: usize,
     sharding: Sharding,
 ) -> Vec<Vec<RequestIndex>> {
-    let ranks = ranks.max(1);
+    shard_weighted(preparation, &vec![1.0; ranks.max(1)], sharding)
+}
+
+/// [`shard`] with rank `r` given a `shares[r] / sum(shares)` part of every round of segments
+/// (BlendServe's sharding; round-robin ignores the shares): a second pass can give a rank that
+/// ran slow per unit of demand less of it.
+pub fn shard_weighted(
+    preparation: &Preparation,
+    shares: &[f64],
+    sharding: Sharding,
+) -> Vec<Vec<RequestIndex>> {
+    let ranks = shares.len().max(1);
     let n = preparation.tree.requests();
     let mut out = vec![Vec::new(); ranks];
     match sharding {
@@ -94,18 +105,34 @@ pub fn shard(
             let order = resource_aware_order(&preparation.tree, &preparation.annotation, &layout);
             let weight = |d: prefix_tree::Demand| d.compute_secs + d.memory_secs;
             let total: f64 = order.iter().map(|o| weight(o.demand)).sum();
-            let segments = ranks * segments_per_rank_for(n, ranks, segments_per_rank);
+            let rounds = segments_per_rank_for(n, ranks, segments_per_rank);
+            // Within a round, rank r's segment is its share of the round's demand; the ranks
+            // come in snake order (0..N-1 in even rounds, N-1..0 in odd ones).
+            let share_sum: f64 = shares.iter().map(|s| s.max(0.0)).sum::<f64>().max(1e-12);
+            let round = total / rounds as f64;
             let mut done = 0.0;
             for o in &order {
-                // The segment whose demand range holds this request's midpoint.
+                // Where this request's midpoint falls: round, then the rank whose piece holds it.
                 let mid = done + weight(o.demand) / 2.0;
                 done += weight(o.demand);
-                let segment = if total > 0.0 {
-                    ((mid / total * segments as f64) as usize).min(segments - 1)
+                let k = if total > 0.0 {
+                    ((mid / round) as usize).min(rounds - 1)
                 } else {
                     0
                 };
-                out[snake_rank(segment, ranks)].push(o.request);
+                let mut at = (mid - k as f64 * round) / round * share_sum;
+                let mut rank = ranks - 1;
+                for slot in 0..ranks {
+                    let r = snake_rank(k * ranks + slot, ranks);
+                    let piece = shares.get(r).copied().unwrap_or(1.0).max(0.0);
+                    if at < piece {
+                        rank = r;
+                        break;
+                    }
+                    at -= piece;
+                    rank = r;
+                }
+                out[rank].push(o.request);
             }
             for rank in &mut out {
                 rank.sort_unstable();
@@ -242,6 +269,24 @@ mod tests {
             split_groups(&shards),
             split_groups(&rr)
         );
+    }
+
+    /// A rank with twice the share gets about twice the demand.
+    #[test]
+    fn shares_scale_a_ranks_demand() {
+        let w = workload();
+        let p = preparation(&w);
+        let shards = shard_weighted(&p, &[2.0, 1.0], Sharding::default());
+        let demand = |ids: &[RequestIndex]| -> f64 {
+            ids.iter()
+                .map(|&r| {
+                    let d = p.annotation.attributed[r as usize];
+                    d.compute_secs + d.memory_secs
+                })
+                .sum()
+        };
+        let ratio = demand(&shards[0]) / demand(&shards[1]);
+        assert!((ratio - 2.0).abs() < 0.3, "{ratio}");
     }
 
     #[test]
