@@ -44,6 +44,15 @@ LLAMA3_8B = {
 }
 
 
+def write_model_dir(out):
+    """A model folder holding only the Llama-3-8B-shaped config (`--random-weights` runs)."""
+    model_dir = os.path.join(out, "llama3-8b-shape")
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(LLAMA3_8B, f)
+    return model_dir
+
+
 def run_policy(args, model_dir, name, policy, extra):
     out = os.path.join(args.out, f"out-{name}.jsonl")
     report = os.path.join(args.out, f"report-{name}.json")
@@ -123,10 +132,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    model_dir = os.path.join(args.out, "llama3-8b-shape")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(LLAMA3_8B, f)
+    model_dir = write_model_dir(args.out)
     rows = []
     runs = {
         "fcfs": ("fcfs", ["--lengths", "max-tokens"]),

@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_e2e import LLAMA3_8B  # noqa: E402
+from engine_e2e import write_model_dir  # noqa: E402
 
 
 def run(args, model_dir, name, extra):
@@ -55,10 +55,7 @@ def main():
     ap.add_argument("--timeout", type=int, default=300)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    model_dir = os.path.join(args.out, "llama3-8b-shape")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(LLAMA3_8B, f)
+    model_dir = write_model_dir(args.out)
     single_out, single = run(args, model_dir, "single", [])
     rows, outs = [], []
     for k in range(args.ranks):

@@ -4,7 +4,6 @@
 
 use anyhow::Result;
 use scheduler::{LengthKnowledge, PolicyKind, Sharding};
-use serde::Serialize;
 use sim::paper::PAPER_TRACES;
 use sim::ranks::simulate_ranks;
 use sim::{SimConfig, Simulation};
@@ -16,20 +15,6 @@ use crate::Lab;
 const HARDWARE: &str = "h200";
 const EXECUTOR: &str = "max";
 const RANKS: [usize; 4] = [1, 2, 4, 8];
-
-#[derive(Serialize)]
-struct RanksRow {
-    workload: String,
-    requests: usize,
-    sharding: String,
-    ranks: usize,
-    makespan_secs: f64,
-    speedup: f64,
-    /// Largest |rank time / mean - 1|.
-    spread: f64,
-    prefix_hits_kept: f64,
-    rank_secs: String,
-}
 
 pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
     let azure = azure(lab)?;
@@ -61,22 +46,7 @@ pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
                     100.0 * r.spread,
                     100.0 * r.prefix_hits_kept
                 );
-                rows.push(RanksRow {
-                    workload: trace_label(&name),
-                    requests: w.workload.len(),
-                    sharding: sharding.to_string(),
-                    ranks: n,
-                    makespan_secs: r.makespan_secs,
-                    speedup: r.speedup,
-                    spread: r.spread,
-                    prefix_hits_kept: r.prefix_hits_kept,
-                    rank_secs: r
-                        .per_rank
-                        .iter()
-                        .map(|p| format!("{:.1}", p.makespan_secs))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                });
+                rows.push(r.row(&trace_label(&name), w.workload.len(), EXECUTOR));
             }
         }
     }

@@ -68,23 +68,6 @@ pub struct SimArgs {
     pub ranks_csv: PathBuf,
 }
 
-/// One row of `sim --ranks`.
-#[derive(serde::Serialize)]
-struct RanksRow {
-    policy: String,
-    executor: String,
-    sharding: String,
-    ranks: usize,
-    makespan_secs: f64,
-    speedup: f64,
-    /// Largest |rank time / mean - 1|.
-    spread: f64,
-    prefix_hits_kept: f64,
-    rank_secs: String,
-    /// Each rank's percent of its own optimal bound.
-    rank_percent_of_optimal: String,
-}
-
 /// `--ranks`: rank counts (each >= 1) and shardings.
 fn rank_plan(args: &SimArgs) -> Result<(Vec<usize>, Vec<Sharding>)> {
     let Some(list) = &args.ranks else {
@@ -240,28 +223,7 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
                         n,
                         sharding,
                     )?;
-                    rank_rows.push(RanksRow {
-                        policy: name.to_string(),
-                        executor: executor.to_string(),
-                        sharding: r.sharding.clone(),
-                        ranks: n,
-                        makespan_secs: r.makespan_secs,
-                        speedup: r.speedup,
-                        spread: r.spread,
-                        prefix_hits_kept: r.prefix_hits_kept,
-                        rank_secs: r
-                            .per_rank
-                            .iter()
-                            .map(|p| format!("{:.1}", p.makespan_secs))
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        rank_percent_of_optimal: r
-                            .per_rank
-                            .iter()
-                            .map(|p| format!("{:.0}", p.percent_of_optimal))
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    });
+                    rank_rows.push(r.row(&workload_name, workload.len(), &executor.to_string()));
                 }
             }
             reports.push(report);
@@ -314,7 +276,7 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_ranks(rows: &[RanksRow], csv_path: &std::path::Path) -> Result<()> {
+fn print_ranks(rows: &[sim::ranks::RanksRow], csv_path: &std::path::Path) -> Result<()> {
     let header = [
         "policy",
         "executor",

@@ -292,6 +292,30 @@ fn a_bad_setting_fails_before_the_output_is_touched() {
     }
 }
 
+/// `blendserve merge --input INPUT --out OUT PARTS...`, which must succeed.
+fn merge_ok(input: &Path, out: &Path, parts: &[std::path::PathBuf]) {
+    let mut args = vec![
+        "merge",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+    run_ok(&args);
+}
+
+/// Both outputs hold the same result lines in the same order (`created` aside).
+fn assert_same_results(got: &Path, want: &Path, what: &str) {
+    let strip = |mut v: Value| {
+        v["response"]["body"]["created"] = json!(0);
+        v
+    };
+    let got: Vec<Value> = read_lines(got).into_iter().map(strip).collect();
+    let want: Vec<Value> = read_lines(want).into_iter().map(strip).collect();
+    assert_eq!(got, want, "{what}");
+}
+
 /// Data-parallel ranks: every rank of 1, 2 and 3 cuts the batch alike, runs its share, and
 /// `merge` joins them into the single run's output line for line (`created` aside), in input
 /// order; a missing rank is named by the lines it leaves without a result, and a result in two
@@ -325,11 +349,6 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         "--output",
         single.to_str().unwrap(),
     ]);
-    let single_lines = read_lines(&single);
-    let strip = |mut v: Value| {
-        v["response"]["body"]["created"] = json!(0);
-        v
-    };
     for ranks in [1usize, 2, 3] {
         let mut outputs = Vec::new();
         for rank in 0..ranks {
@@ -349,18 +368,8 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
             outputs.push(out);
         }
         let merged = dir.path().join(format!("merged-{ranks}.jsonl"));
-        let mut args = vec![
-            "merge",
-            "--input",
-            input_s,
-            "--out",
-            merged.to_str().unwrap(),
-        ];
-        args.extend(outputs.iter().map(|p| p.to_str().unwrap()));
-        run_ok(&args);
-        let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
-        let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
-        assert_eq!(got, want, "{ranks} ranks");
+        merge_ok(&input, &merged, &outputs);
+        assert_same_results(&merged, &single, &format!("{ranks} ranks"));
     }
     // plan: shard files and a manifest; each shard run on its own, then merged.
     let plan = dir.path().join("plan");
@@ -393,18 +402,8 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         outputs.push(out);
     }
     let merged = dir.path().join("merged-plan.jsonl");
-    let mut args = vec![
-        "merge",
-        "--input",
-        input_s,
-        "--out",
-        merged.to_str().unwrap(),
-    ];
-    args.extend(outputs.iter().map(|p| p.to_str().unwrap()));
-    run_ok(&args);
-    let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
-    let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
-    assert_eq!(got, want, "plan + run --shard + merge");
+    merge_ok(&input, &merged, &outputs);
+    assert_same_results(&merged, &single, "plan + run --shard + merge");
     // One host, several devices: the ranks as child processes, merged into --output.
     let merged = dir.path().join("devices.jsonl");
     run_ok(&[
@@ -416,9 +415,7 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         "--output",
         merged.to_str().unwrap(),
     ]);
-    let got: Vec<Value> = read_lines(&merged).into_iter().map(strip).collect();
-    let want: Vec<Value> = single_lines.iter().cloned().map(strip).collect();
-    assert_eq!(got, want, "--devices 0,1");
+    assert_same_results(&merged, &single, "--devices 0,1");
     assert!(dir.path().join("devices.rank-1.jsonl").exists());
     // Rank 1 of 2 missing: the merge keeps rank 0's results and names the lines left over.
     let merged = dir.path().join("partial.jsonl");

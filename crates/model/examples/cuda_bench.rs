@@ -16,7 +16,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{llama3_8b, shuffled_block_ids};
+use common::{compare_outputs, llama3_8b, shuffled_block_ids};
 
 const BLOCK: usize = 16;
 
@@ -49,17 +49,6 @@ fn batch_in_blocks(
             })
             .collect(),
     }
-}
-
-/// How far `got` is from `reference`: the largest absolute difference and how many values of
-/// `got` are not finite.
-fn compare_outputs(got: &[f32], reference: &[f32]) -> (f32, usize) {
-    let max_abs_diff = got
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    (max_abs_diff, got.iter().filter(|x| !x.is_finite()).count())
 }
 
 /// Each of `kernels` (made current by `choose`) timed over `repeats` launches of `batch`'s

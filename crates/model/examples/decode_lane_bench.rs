@@ -14,7 +14,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{llama3_8b, shuffled_block_ids};
+use common::{compare_outputs, llama3_8b, shuffled_block_ids};
 
 const BLOCK: usize = 16;
 
@@ -45,15 +45,6 @@ fn contexts(seqs: usize, lo: usize, hi: usize) -> Vec<usize> {
         .iter()
         .map(|&k| lo + (hi - lo) * k as usize / (seqs - 1).max(1))
         .collect()
-}
-
-fn max_abs_diff(got: &[f32], reference: &[f32]) -> (f32, usize) {
-    let diff = got
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    (diff, got.iter().filter(|x| !x.is_finite()).count())
 }
 
 fn main() {
@@ -113,7 +104,7 @@ fn main() {
                 }
                 one.set_stream_decode_ctas(Some(k));
                 let (secs, got) = time(&mut one);
-                let (diff, non_finite) = max_abs_diff(&got, &reference);
+                let (diff, non_finite) = compare_outputs(&got, &reference);
                 let gbps = kv_bytes / secs / 1e9;
                 eprintln!(
                     "  stream w{}s{} on {k} SMs: {:.1} us, {gbps:.0} GB/s ({:.0} an SM), \

@@ -32,6 +32,66 @@ pub struct RanksReport {
 /// of the demand scaled by the ranks' mean time over its own, and the fastest cut is kept.
 pub const REBALANCE_PASSES: usize = 2;
 
+/// One line of a ranks table or CSV (`sim --ranks`, the experiments' figure).
+#[derive(Clone, Debug, Serialize)]
+pub struct RanksRow {
+    pub workload: String,
+    pub requests: usize,
+    pub policy: String,
+    pub executor: String,
+    pub sharding: String,
+    pub ranks: usize,
+    pub makespan_secs: f64,
+    pub speedup: f64,
+    /// Largest |rank time / mean - 1|.
+    pub spread: f64,
+    pub prefix_hits_kept: f64,
+    pub passes: usize,
+    /// Each rank's makespan, seconds.
+    pub rank_secs: String,
+    /// Each rank's percent of its own optimal bound.
+    pub rank_percent_of_optimal: String,
+}
+
+impl RanksReport {
+    /// This report as a row, for `workload` of `requests` requests under `executor`.
+    pub fn row(&self, workload: &str, requests: usize, executor: &str) -> RanksRow {
+        RanksRow {
+            workload: workload.to_string(),
+            requests,
+            policy: self.policy.clone(),
+            executor: executor.to_string(),
+            sharding: self.sharding.clone(),
+            ranks: self.ranks,
+            makespan_secs: self.makespan_secs,
+            speedup: self.speedup,
+            spread: self.spread,
+            prefix_hits_kept: self.prefix_hits_kept,
+            passes: self.passes,
+            rank_secs: self.rank_secs_text(),
+            rank_percent_of_optimal: self.rank_percent_of_optimal_text(),
+        }
+    }
+
+    /// Each rank's makespan, seconds, space-separated (for a table or CSV cell).
+    pub fn rank_secs_text(&self) -> String {
+        self.per_rank
+            .iter()
+            .map(|p| format!("{:.1}", p.makespan_secs))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Each rank's percent of its own optimal bound, space-separated.
+    pub fn rank_percent_of_optimal_text(&self) -> String {
+        self.per_rank
+            .iter()
+            .map(|p| format!("{:.0}", p.percent_of_optimal))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// The requests of `w` at `ids` (submission order kept), as a workload of their own.
 pub fn sub_workload(w: &Workload, ids: &[prefix_tree::RequestIndex]) -> Workload {
     Workload {

@@ -26,3 +26,15 @@ pub fn shuffled_block_ids(n: usize) -> Vec<u32> {
     }
     ids
 }
+
+/// How far `got` is from `reference`: the largest absolute difference and how many values of
+/// `got` are not finite.
+#[allow(dead_code)] // (not every example compares outputs)
+pub fn compare_outputs(got: &[f32], reference: &[f32]) -> (f32, usize) {
+    let max_abs_diff = got
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    (max_abs_diff, got.iter().filter(|x| !x.is_finite()).count())
+}
