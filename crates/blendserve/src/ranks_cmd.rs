@@ -230,7 +230,8 @@ pub fn run_on_devices(args: &crate::run_cmd::RunArgs, devices: &str) -> Result<(
         bail!("--devices needs --output (the merged result; each rank's goes beside it)");
     };
     let exe = std::env::current_exe().context("finding this executable")?;
-    let base = child_args(&["--devices", "--output"]);
+    // Each rank writes its own output, report and timeline beside the merged output.
+    let base = child_args(&["--devices", "--output", "--report", "--timeline"]);
     let n = devices.len();
     let mut children = Vec::with_capacity(n);
     for (rank, device) in devices.iter().enumerate() {
@@ -247,6 +248,18 @@ pub fn run_on_devices(args: &crate::run_cmd::RunArgs, devices: &str) -> Result<(
                 "--output",
             ])
             .arg(rank_path(out, rank, "jsonl"))
+            .args(args.report.iter().flat_map(|_| {
+                [
+                    "--report".into(),
+                    rank_path(out, rank, "report.json").into_os_string(),
+                ]
+            }))
+            .args(args.timeline.iter().flat_map(|_| {
+                [
+                    "--timeline".into(),
+                    rank_path(out, rank, "timeline.csv").into_os_string(),
+                ]
+            }))
             .env("CUDA_VISIBLE_DEVICES", device)
             .stdout(log.try_clone()?)
             .stderr(log)

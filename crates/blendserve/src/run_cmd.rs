@@ -130,7 +130,8 @@ pub struct RunArgs {
     /// Run one rank per listed device on this host (a comma list of device ids, e.g. 0,1,2,3;
     /// each rank a child process seeing only its device through CUDA_VISIBLE_DEVICES), then
     /// merge the ranks' outputs into --output. Rank k's output and log stay beside it as
-    /// OUTPUT.rank-k.jsonl / .log (`--resume` resumes each).
+    /// OUTPUT.rank-k.jsonl / .log (and its --report / --timeline as OUTPUT.rank-k.report.json
+    /// / .timeline.csv); `--resume` resumes each.
     #[arg(long)]
     pub devices: Option<String>,
     /// How the ranks are cut: blendserve (one prefix tree, snake-dealt equal-demand segments),
@@ -1018,6 +1019,17 @@ pub fn plan(args: &RunArgs) -> Result<()> {
     let Some(input) = &args.input else {
         bail!("plan needs --input FILE (a batch or native JSONL file)");
     };
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    if !is_openai_batch(&text) {
+        // A native workload's prefixes get their token ids in order of appearance, so a shard
+        // parsed alone would not reproduce them.
+        bail!(
+            "plan writes shard files of OpenAI batch files; for the native workload {} run \
+             `run --rank K --ranks N` on the whole file on each rank instead",
+            input.display()
+        );
+    }
     let model_dir = match &args.model {
         Some(dir) => dir.clone(),
         None => demo::demo_model_dir()?,
@@ -1060,8 +1072,6 @@ pub fn plan(args: &RunArgs) -> Result<()> {
             }
         }
     }
-    let text =
-        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     crate::ranks_cmd::write_plan(
         dir,
         &text,

@@ -412,11 +412,35 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         input_s,
         "--devices",
         "0,1",
+        "--report",
+        dir.path().join("devices-report.json").to_str().unwrap(),
         "--output",
         merged.to_str().unwrap(),
     ]);
     assert_same_results(&merged, &single, "--devices 0,1");
     assert!(dir.path().join("devices.rank-1.jsonl").exists());
+    assert!(dir.path().join("devices.rank-1.report.json").exists());
+    // plan cuts OpenAI batch files only: a native workload's shards would not keep its prompts.
+    let native = dir.path().join("native.jsonl");
+    std::fs::write(
+        &native,
+        "{\"id\": \"a\", \"prompt_tokens\": 20, \"max_tokens\": 4}\n",
+    )
+    .unwrap();
+    let out = blendserve()
+        .args([
+            "plan",
+            "--ranks",
+            "2",
+            "--input",
+            native.to_str().unwrap(),
+            "--output",
+        ])
+        .arg(dir.path().join("native-plan"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run --rank K --ranks N"));
     // Rank 1 of 2 missing: the merge keeps rank 0's results and names the lines left over.
     let merged = dir.path().join("partial.jsonl");
     let out = blendserve()
