@@ -61,7 +61,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => sim_cmd::run_generate(&args),
         Command::Inspect(args) => sim_cmd::run_inspect(&args),
         Command::Calibrate(args) => calibrate_cmd::run_calibrate(&args),
-        Command::Plan(args) => run_cmd::plan(&args),
+        Command::Plan(args) => ranks_cmd::plan(&args),
         Command::Merge(args) => ranks_cmd::run_merge(&args),
     }
 }

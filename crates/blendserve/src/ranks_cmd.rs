@@ -13,6 +13,8 @@ use scheduler::{shard, LengthKnowledge, PerfModel, Preparation, Sharding};
 use serde_json::Value;
 use workload::{Request, Workload};
 
+use crate::run_cmd::{is_openai_batch, load_entries, perf_model, Entry, ModelInfo, RunArgs};
+
 /// Each request's rank, for `ranks` ranks cut by `sharding` from the requests in input order
 /// (priced by `perf`; output lengths as the scheduler will know them: the recorded ones when
 /// `known_lengths`, else `max_tokens`).
@@ -218,7 +220,7 @@ fn lines_in(path: &Path) -> u64 {
 /// `run --devices 0,1,..`: one child `run --rank k --ranks N` per device (CUDA_VISIBLE_DEVICES
 /// set to it), one progress bar over all of them, then `merge` into `--output`. A rank that
 /// fails leaves the others' results (merged) and its log, and the error says how to rerun it.
-pub fn run_on_devices(args: &crate::run_cmd::RunArgs, devices: &str) -> Result<()> {
+pub fn run_on_devices(args: &RunArgs, devices: &str) -> Result<()> {
     let devices: Vec<&str> = devices.split(',').map(str::trim).collect();
     if devices.iter().any(|d| d.is_empty()) {
         bail!("--devices takes a comma list of device ids, e.g. 0,1,2,3");
@@ -452,4 +454,117 @@ pub fn write_plan(
         );
     }
     Ok(())
+}
+
+/// `blendserve plan`: the input cut into `--ranks` shard files in `--output` (a folder), each the
+/// input with the other ranks' lines blanked (so results keep their line-based ids and `merge`
+/// restores input order), and `manifest.json` with each rank's requests, predicted time
+/// (the simulator, on the run's hardware and policy), compute density and prefix sharing.
+pub fn plan(args: &RunArgs) -> Result<()> {
+    let ranks = args.ranks.context("plan needs --ranks N")?;
+    let dir = args
+        .output
+        .as_ref()
+        .context("plan needs --output DIR (the folder for the shards and manifest)")?;
+    let Some(input) = &args.input else {
+        bail!("plan needs --input FILE (a batch or native JSONL file)");
+    };
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    if !is_openai_batch(&text) {
+        // A native workload's prefixes get their token ids in order of appearance, so a shard
+        // parsed alone would not reproduce them.
+        bail!(
+            "plan writes shard files of OpenAI batch files; for the native workload {} run \
+             `run --rank K --ranks N` on the whole file on each rank instead",
+            input.display()
+        );
+    }
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => crate::demo::demo_model_dir()?,
+    };
+    let info = ModelInfo::load(&model_dir)?;
+    let entries = load_entries(args, &info)?;
+    let sharding: scheduler::Sharding = args.sharding.parse()?;
+    let requests: Vec<Request> = entries
+        .iter()
+        .filter_map(Entry::scheduler_request)
+        .collect();
+    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
+    let perf = perf_model(args, &info, dtype_bytes)?;
+    let rank_of = request_ranks(
+        requests.clone(),
+        &perf,
+        args.assume_known_lengths,
+        args.workload.seed,
+        ranks,
+        sharding,
+    );
+    // Each input line's rank: its job's, or rank 0 for a line refused up front.
+    let mut line_rank: HashMap<usize, usize> = HashMap::new();
+    let mut job = 0;
+    for e in &entries {
+        if e.scheduler_request().is_some() {
+            line_rank.insert(e.line(), rank_of[job]);
+            job += 1;
+        } else {
+            line_rank.insert(e.line(), 0);
+        }
+    }
+    write_plan(
+        dir,
+        &text,
+        &line_rank,
+        ranks,
+        &sharding,
+        &requests,
+        &rank_of,
+        &perf,
+        &args.policy,
+    )
+}
+
+/// With `--rank K --ranks N`, rank K's entries: its share of the jobs (cut from all of them,
+/// so every rank cuts alike) and, on rank 0, the lines refused up front.
+pub(crate) fn keep_rank(
+    entries: Vec<Entry>,
+    args: &RunArgs,
+    info: &ModelInfo,
+) -> Result<Vec<Entry>> {
+    let Some((rank, ranks)) = check_rank(args.rank, args.ranks)? else {
+        return Ok(entries);
+    };
+    let sharding: scheduler::Sharding = args.sharding.parse()?;
+    let requests: Vec<Request> = entries
+        .iter()
+        .filter_map(Entry::scheduler_request)
+        .collect();
+    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
+    let rank_of = request_ranks(
+        requests,
+        &perf_model(args, info, dtype_bytes)?,
+        args.assume_known_lengths,
+        args.workload.seed,
+        ranks,
+        sharding,
+    );
+    let mut job = 0;
+    let kept: Vec<Entry> = entries
+        .into_iter()
+        .filter(|e| {
+            if e.scheduler_request().is_none() {
+                return rank == 0;
+            }
+            job += 1;
+            rank_of[job - 1] == rank
+        })
+        .collect();
+    tracing::info!(
+        "rank {rank} of {ranks} ({sharding}): {} of {job} requests",
+        kept.iter()
+            .filter(|e| e.scheduler_request().is_some())
+            .count()
+    );
+    Ok(kept)
 }

@@ -162,7 +162,7 @@ struct TimelineRow {
 }
 
 /// One request ready for the engine, with what its output line needs.
-struct Job {
+pub(crate) struct Job {
     line: usize,
     custom_id: String,
     endpoint: Endpoint,
@@ -172,16 +172,24 @@ struct Job {
     token_output: bool,
 }
 
-enum Entry {
+pub(crate) enum Entry {
     Job(Job),
     Error(LineError),
 }
 
 impl Entry {
-    fn line(&self) -> usize {
+    pub(crate) fn line(&self) -> usize {
         match self {
             Entry::Job(j) => j.line,
             Entry::Error(e) => e.line,
+        }
+    }
+
+    /// The scheduler's view of a job (`None` for a line refused up front).
+    pub(crate) fn scheduler_request(&self) -> Option<workload::Request> {
+        match self {
+            Entry::Job(j) => Some(j.request.scheduler_request(None)),
+            Entry::Error(_) => None,
         }
     }
 
@@ -194,7 +202,7 @@ impl Entry {
 }
 
 /// Everything about the loaded model the request builder needs.
-struct ModelInfo {
+pub(crate) struct ModelInfo {
     name: String,
     config: model::ModelConfig,
     tokenizer: Option<TextTokenizer>,
@@ -223,7 +231,7 @@ fn read_generation_eos(dir: &Path) -> Vec<u32> {
 }
 
 impl ModelInfo {
-    fn load(dir: &Path) -> Result<ModelInfo> {
+    pub(crate) fn load(dir: &Path) -> Result<ModelInfo> {
         let config = model::ModelConfig::load(dir)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(TextTokenizer::load(dir)?)
@@ -363,7 +371,7 @@ impl ModelInfo {
 }
 
 /// Whether the text looks like an OpenAI batch file (its first JSON line has `custom_id`).
-fn is_openai_batch(text: &str) -> bool {
+pub(crate) fn is_openai_batch(text: &str) -> bool {
     text.lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
@@ -888,7 +896,7 @@ fn kv_blocks(
     Ok(blocks.min(f64::from(u32::MAX)) as u32)
 }
 
-fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<PerfModel> {
+pub(crate) fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<PerfModel> {
     let executor: Executor = args.executor.as_deref().unwrap_or("sum").parse()?;
     let overrides = match &args.hardware_config {
         Some(path) => scheduler::OverrideFile::read(path)?,
@@ -971,7 +979,7 @@ fn choose_step_executor(
 }
 
 /// The run's requests, in input order (bad lines become error entries).
-fn load_entries(args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
+pub(crate) fn load_entries(args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
     Ok(match (&input_path(args)?, &args.workload.workload) {
         (Some(_), Some(_)) => bail!("give --input or --workload, not both"),
         (Some(path), None) => {
@@ -1006,126 +1014,6 @@ fn input_path(args: &RunArgs) -> Result<Option<PathBuf>> {
     }
 }
 
-/// `blendserve plan`: the input cut into `--ranks` shard files in `--output` (a folder), each the
-/// input with the other ranks' lines blanked (so results keep their line-based ids and `merge`
-/// restores input order), and `manifest.json` with each rank's requests, predicted time
-/// (the simulator, on the run's hardware and policy), compute density and prefix sharing.
-pub fn plan(args: &RunArgs) -> Result<()> {
-    let ranks = args.ranks.context("plan needs --ranks N")?;
-    let dir = args
-        .output
-        .as_ref()
-        .context("plan needs --output DIR (the folder for the shards and manifest)")?;
-    let Some(input) = &args.input else {
-        bail!("plan needs --input FILE (a batch or native JSONL file)");
-    };
-    let text =
-        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    if !is_openai_batch(&text) {
-        // A native workload's prefixes get their token ids in order of appearance, so a shard
-        // parsed alone would not reproduce them.
-        bail!(
-            "plan writes shard files of OpenAI batch files; for the native workload {} run \
-             `run --rank K --ranks N` on the whole file on each rank instead",
-            input.display()
-        );
-    }
-    let model_dir = match &args.model {
-        Some(dir) => dir.clone(),
-        None => demo::demo_model_dir()?,
-    };
-    let info = ModelInfo::load(&model_dir)?;
-    let entries = load_entries(args, &info)?;
-    let sharding: scheduler::Sharding = args.sharding.parse()?;
-    let jobs: Vec<&Job> = entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Job(j) => Some(j),
-            Entry::Error(_) => None,
-        })
-        .collect();
-    let requests: Vec<workload::Request> = jobs
-        .iter()
-        .map(|j| j.request.scheduler_request(None))
-        .collect();
-    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
-    let perf = perf_model(args, &info, dtype_bytes)?;
-    let rank_of = crate::ranks_cmd::request_ranks(
-        requests.clone(),
-        &perf,
-        args.assume_known_lengths,
-        args.workload.seed,
-        ranks,
-        sharding,
-    );
-    // Each input line's rank: its job's, or rank 0 for a line refused up front.
-    let mut line_rank: HashMap<usize, usize> = HashMap::new();
-    let mut job = 0;
-    for e in &entries {
-        match e {
-            Entry::Job(j) => {
-                line_rank.insert(j.line, rank_of[job]);
-                job += 1;
-            }
-            Entry::Error(err) => {
-                line_rank.insert(err.line, 0);
-            }
-        }
-    }
-    crate::ranks_cmd::write_plan(
-        dir,
-        &text,
-        &line_rank,
-        ranks,
-        &sharding,
-        &requests,
-        &rank_of,
-        &perf,
-        &args.policy,
-    )
-}
-
-/// With `--rank K --ranks N`, rank K's entries: its share of the jobs (cut from all of them,
-/// so every rank cuts alike) and, on rank 0, the lines refused up front.
-fn keep_rank(entries: Vec<Entry>, args: &RunArgs, info: &ModelInfo) -> Result<Vec<Entry>> {
-    let Some((rank, ranks)) = crate::ranks_cmd::check_rank(args.rank, args.ranks)? else {
-        return Ok(entries);
-    };
-    let sharding: scheduler::Sharding = args.sharding.parse()?;
-    let requests: Vec<workload::Request> = entries
-        .iter()
-        .filter_map(|e| match e {
-            Entry::Job(j) => Some(j.request.scheduler_request(None)),
-            Entry::Error(_) => None,
-        })
-        .collect();
-    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
-    let rank_of = crate::ranks_cmd::request_ranks(
-        requests,
-        &perf_model(args, info, dtype_bytes)?,
-        args.assume_known_lengths,
-        args.workload.seed,
-        ranks,
-        sharding,
-    );
-    let mut job = 0;
-    let kept: Vec<Entry> = entries
-        .into_iter()
-        .filter(|e| match e {
-            Entry::Job(_) => {
-                job += 1;
-                rank_of[job - 1] == rank
-            }
-            Entry::Error(_) => rank == 0,
-        })
-        .collect();
-    tracing::info!(
-        "rank {rank} of {ranks} ({sharding}): {} of {job} requests",
-        kept.iter().filter(|e| matches!(e, Entry::Job(_))).count()
-    );
-    Ok(kept)
-}
-
 /// The workload the scheduler sees, with the lengths each request actually generated (for the
 /// bound and the prediction).
 fn realized_workload(jobs: &[Job], output_tokens: &[u32]) -> Workload {
@@ -1158,7 +1046,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => demo::demo_model_dir()?,
     };
     let info = ModelInfo::load(&model_dir)?;
-    let entries = keep_rank(load_entries(args, &info)?, args, &info)?;
+    let entries = crate::ranks_cmd::keep_rank(load_entries(args, &info)?, args, &info)?;
     let total_entries = entries.len();
     let already = match (&args.output, args.resume) {
         (Some(path), true) => finished_in_output(path)?,
