@@ -2,7 +2,8 @@
 //!
 //! Owns: driving the *same* [`scheduler::Scheduler`] and [`kv_cache`] the engine uses, with step
 //! times from the [`scheduler::PerfModel`] instead of a GPU, and the per-policy report (makespan,
-//! throughput, prefix-hit ratio, KV and resource utilisation, % of the optimal bound).
+//! throughput, prefix-hit ratio, KV and resource utilisation, % of the optimal bound), and a
+//! workload's data-parallel ranks simulated as replicas ([`ranks`]).
 //!
 //! Must not touch: scheduling decisions (all in the scheduler crate) or any GPU code.
 
