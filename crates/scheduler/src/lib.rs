@@ -5,7 +5,7 @@
 //! output-length estimates, resource annotation), the [`Policy`] trait and its implementations
 //! (FCFS, random, DFS, BlendServe and its ablations), and batch formation under token, sequence
 //! and KV-memory budgets with chunked prefill, prefix reuse and preemption; and which requests
-//! each data-parallel rank runs ([`shard`]).
+//! each data-parallel rank runs ([`shard()`]).
 //!
 //! Must not touch: GPUs, tensors or clocks. It decides; the driver (engine or simulator) runs
 //! the step and reports back.
