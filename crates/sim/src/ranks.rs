@@ -1,4 +1,4 @@
-//! Data-parallel ranks in the simulator: a workload cut into N shards ([`scheduler::shard`]),
+//! Data-parallel ranks in the simulator: a workload cut into N shards ([`scheduler::shard()`]),
 //! each simulated as its own replica under the same policy and configuration, against the
 //! single-rank run. The makespan of N ranks is their slowest rank's.
 
