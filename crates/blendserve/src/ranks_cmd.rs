@@ -486,41 +486,23 @@ pub fn plan(args: &RunArgs) -> Result<()> {
     };
     let info = ModelInfo::load(&model_dir)?;
     let entries = load_entries(args, &info)?;
-    let sharding: scheduler::Sharding = args.sharding.parse()?;
-    let requests: Vec<Request> = entries
-        .iter()
-        .filter_map(Entry::scheduler_request)
-        .collect();
-    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
-    let perf = perf_model(args, &info, dtype_bytes)?;
-    let rank_of = request_ranks(
-        requests.clone(),
-        &perf,
-        args.assume_known_lengths,
-        args.workload.seed,
-        ranks,
-        sharding,
-    );
+    let cut = EntryRanks::new(&entries, args, &info, ranks)?;
     // Each input line's rank: its job's, or rank 0 for a line refused up front.
-    let mut line_rank: HashMap<usize, usize> = HashMap::new();
-    let mut job = 0;
-    for e in &entries {
-        if e.scheduler_request().is_some() {
-            line_rank.insert(e.line(), rank_of[job]);
-            job += 1;
-        } else {
-            line_rank.insert(e.line(), 0);
-        }
-    }
+    let line_rank: HashMap<usize, usize> = entries
+        .iter()
+        .zip(&cut.of_entry)
+        .map(|(e, r)| (e.line(), r.unwrap_or(0)))
+        .collect();
+    let rank_of: Vec<usize> = cut.of_entry.iter().flatten().copied().collect();
     write_plan(
         dir,
         &text,
         &line_rank,
         ranks,
-        &sharding,
-        &requests,
+        &cut.sharding,
+        &cut.requests,
         &rank_of,
-        &perf,
+        &cut.perf,
         &args.policy,
     )
 }
@@ -535,36 +517,56 @@ pub(crate) fn keep_rank(
     let Some((rank, ranks)) = check_rank(args.rank, args.ranks)? else {
         return Ok(entries);
     };
-    let sharding: scheduler::Sharding = args.sharding.parse()?;
-    let requests: Vec<Request> = entries
-        .iter()
-        .filter_map(Entry::scheduler_request)
-        .collect();
-    let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
-    let rank_of = request_ranks(
-        requests,
-        &perf_model(args, info, dtype_bytes)?,
-        args.assume_known_lengths,
-        args.workload.seed,
-        ranks,
-        sharding,
-    );
-    let mut job = 0;
+    let cut = EntryRanks::new(&entries, args, info, ranks)?;
+    let jobs = cut.requests.len();
     let kept: Vec<Entry> = entries
         .into_iter()
-        .filter(|e| {
-            if e.scheduler_request().is_none() {
-                return rank == 0;
-            }
-            job += 1;
-            rank_of[job - 1] == rank
-        })
+        .zip(&cut.of_entry)
+        .filter(|(_, r)| r.unwrap_or(0) == rank)
+        .map(|(e, _)| e)
         .collect();
     tracing::info!(
-        "rank {rank} of {ranks} ({sharding}): {} of {job} requests",
-        kept.iter()
-            .filter(|e| e.scheduler_request().is_some())
-            .count()
+        "rank {rank} of {ranks} ({}): {} of {jobs} requests",
+        cut.sharding,
+        cut.of_entry.iter().filter(|r| **r == Some(rank)).count()
     );
     Ok(kept)
+}
+
+/// The run's requests cut into ranks: each entry's rank (`None` for a line refused up front,
+/// which rank 0 writes), the requests as the scheduler sees them, and how they were priced.
+struct EntryRanks {
+    of_entry: Vec<Option<usize>>,
+    requests: Vec<Request>,
+    sharding: Sharding,
+    perf: PerfModel,
+}
+
+impl EntryRanks {
+    fn new(entries: &[Entry], args: &RunArgs, info: &ModelInfo, ranks: usize) -> Result<Self> {
+        let sharding: Sharding = args.sharding.parse()?;
+        let requests: Vec<Option<Request>> = entries.iter().map(Entry::scheduler_request).collect();
+        let jobs: Vec<Request> = requests.iter().flatten().cloned().collect();
+        let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
+        let perf = perf_model(args, info, dtype_bytes)?;
+        let mut rank_of = request_ranks(
+            jobs.clone(),
+            &perf,
+            args.assume_known_lengths,
+            args.workload.seed,
+            ranks,
+            sharding,
+        )
+        .into_iter();
+        let of_entry = requests
+            .iter()
+            .map(|r| r.as_ref().and_then(|_| rank_of.next()))
+            .collect();
+        Ok(EntryRanks {
+            of_entry,
+            requests: jobs,
+            sharding,
+            perf,
+        })
+    }
 }
