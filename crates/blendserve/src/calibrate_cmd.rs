@@ -39,9 +39,11 @@ pub struct CalibrateArgs {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = 16)]
     pub block_tokens: usize,
-    /// The hardware TOML to write.
+    /// The hardware TOML to write. Default: `HARDWARE-calibrated.toml` in the calibration
+    /// folder (`$BLENDSERVE_CALIBRATION_DIR`, else `$XDG_CONFIG_HOME/blendserve`, else
+    /// `~/.config/blendserve`), where `run` on this GPU finds it without `--hardware-config`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
 }
 
 /// The grid's step shapes (every one with some work).
@@ -136,9 +138,18 @@ pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         args.random_weights,
         args.hardware
     );
-    std::fs::write(&args.out, hardware_toml(&fit, &args.hardware, &note))
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    let out = match &args.out {
+        Some(path) => path.clone(),
+        None => crate::hardware::calibrated_path(&args.hardware).context(
+            "no calibration folder (set BLENDSERVE_CALIBRATION_DIR or HOME) and no --out",
+        )?,
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, hardware_toml(&fit, &args.hardware, &note))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
     Ok(())
 }
 

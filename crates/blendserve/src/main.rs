@@ -5,6 +5,7 @@ mod batch_file;
 mod calibrate_cmd;
 mod chat_template;
 mod demo;
+mod hardware;
 mod ranks_cmd;
 mod run_cmd;
 mod sim_cmd;

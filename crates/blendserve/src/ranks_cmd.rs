@@ -548,7 +548,14 @@ impl EntryRanks {
         let requests: Vec<Option<Request>> = entries.iter().map(Entry::scheduler_request).collect();
         let jobs: Vec<Request> = requests.iter().flatten().cloned().collect();
         let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
-        let perf = perf_model(args, info, dtype_bytes)?;
+        // From the flags alone: every rank must cut alike, whatever files its machine holds.
+        let choice = crate::hardware::choose(
+            args.hardware.as_deref(),
+            args.hardware_config.as_deref(),
+            None,
+            |_| None,
+        );
+        let perf = perf_model(args, info, dtype_bytes, &choice)?;
         let mut rank_of = request_ranks(
             jobs.clone(),
             &perf,

@@ -86,10 +86,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub random_weights: bool,
     /// Hardware the policies' cost model, the optimal bound and --predict assume (h100, h200,
-    /// a100-80g). Default: h100 on cuda; on cpu, policies use h100's and no bound is reported.
+    /// a100-80g). Default on cuda: the preset of the GPU the run is on (h100 if it has none);
+    /// on cpu, policies use h100's and no bound is reported.
     #[arg(long)]
     pub hardware: Option<String>,
-    /// TOML overriding [hardware] fields (a calibrated cost model).
+    /// TOML overriding [hardware] fields (a calibrated cost model). Default: the file
+    /// `blendserve calibrate` wrote for the hardware in the calibration folder, if any
+    /// ($BLENDSERVE_CALIBRATION_DIR, else $XDG_CONFIG_HOME/blendserve, else ~/.config/blendserve).
     #[arg(long)]
     pub hardware_config: Option<PathBuf>,
     /// Executor the policies' cost model, the bound and the prediction assume: sum, max,
@@ -783,7 +786,8 @@ pub struct RunReport {
 }
 
 /// The model, and for a GPU its free and total memory in bytes after loading.
-type LoadedModel = (Box<dyn StepModel>, Option<(usize, usize)>);
+/// The model, the GPU's free and total memory and its name (`None`s off the GPU).
+type LoadedModel = (Box<dyn StepModel>, Option<(usize, usize)>, Option<String>);
 
 fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<LoadedModel> {
     match args.device.as_str() {
@@ -802,7 +806,7 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
                 &Default::default(),
             )
             .with_context(|| format!("loading {}", dir.display()))?;
-            Ok((Box::new(model::BurnStepModel::new(m)), None))
+            Ok((Box::new(model::BurnStepModel::new(m)), None, None))
         }
         "cuda" => load_cuda(args, dir, config),
         other => bail!("unknown --device `{other}` (cpu, cuda)"),
@@ -828,7 +832,12 @@ fn load_cuda(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<
             .with_context(|| format!("--step-executor {executor}"))?;
     }
     let memory = m.memory_info()?;
-    Ok((Box::new(model::CudaStepModel::new(m)), Some(memory)))
+    let gpu = m.device_name()?;
+    Ok((
+        Box::new(model::CudaStepModel::new(m)),
+        Some(memory),
+        Some(gpu),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -896,13 +905,19 @@ fn kv_blocks(
     Ok(blocks.min(f64::from(u32::MAX)) as u32)
 }
 
-pub(crate) fn perf_model(args: &RunArgs, info: &ModelInfo, dtype_bytes: u32) -> Result<PerfModel> {
+/// The cost model for `info`'s model on the hardware `choice` names.
+pub(crate) fn perf_model(
+    args: &RunArgs,
+    info: &ModelInfo,
+    dtype_bytes: u32,
+    choice: &crate::hardware::HardwareChoice,
+) -> Result<PerfModel> {
     let executor: Executor = args.executor.as_deref().unwrap_or("sum").parse()?;
-    let overrides = match &args.hardware_config {
+    let overrides = match &choice.config {
         Some(path) => scheduler::OverrideFile::read(path)?,
         None => scheduler::OverrideFile::default(),
     };
-    let hardware = overrides.hardware(args.hardware.as_deref().unwrap_or("h100"))?;
+    let hardware = overrides.hardware(&choice.preset)?;
     Ok(PerfModel::new(
         engine::perf_model_config(&info.config, &info.name, dtype_bytes),
         hardware,
@@ -1077,7 +1092,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     // Load and check every setting before touching the output, so a typo never costs results.
     let t_load = Instant::now();
-    let (mut model, memory) = load_model(args, &model_dir, &info.config)?;
+    let (mut model, memory, gpu) = load_model(args, &model_dir, &info.config)?;
+    let hardware = crate::hardware::choose(
+        args.hardware.as_deref(),
+        args.hardware_config.as_deref(),
+        gpu.as_deref(),
+        crate::hardware::calibrated_file,
+    );
+    tracing::info!("{}", hardware.how);
     let load_secs = t_load.elapsed().as_secs_f64();
     // Never more KV than the whole batch could hold at once.
     let needed_blocks: u64 = jobs
@@ -1091,7 +1113,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let num_kv_blocks = kv_blocks(args, &info.config, model.kv_bytes_per_token(), memory)?
         .min(u32::try_from(needed_blocks).unwrap_or(u32::MAX));
     let dtype_bytes = if memory.is_some() { 2 } else { 4 };
-    let mut perf = perf_model(args, &info, dtype_bytes)?;
+    let mut perf = perf_model(args, &info, dtype_bytes, &hardware)?;
     let executor_profile = if args.step_executor == "auto" {
         choose_step_executor(args, &mut *model, num_kv_blocks, &mut perf)?
     } else {

@@ -514,6 +514,11 @@ impl CudaLlama {
         self.config.kv_bytes_per_token(2)
     }
 
+    /// The GPU's name as the driver reports it (e.g. "NVIDIA H200").
+    pub fn device_name(&self) -> Result<String, ModelError> {
+        self.ctx.name().map_err(|e| cuda_err("device name", e))
+    }
+
     /// Free and total GPU memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), ModelError> {
         self.ctx
