@@ -16,7 +16,9 @@ use serde_json::json;
 
 mod common;
 
-use common::{compare_outputs, llama3_8b, shuffled_block_ids};
+use common::{
+    compare_outputs, context_blocks, decode_batch, llama3_8b, shuffled_block_ids, spread_contexts,
+};
 
 const BLOCK: usize = 16;
 
@@ -286,32 +288,10 @@ fn decode_mixed_contexts(one: &mut CudaLlama, copy_gbps: f64) -> serde_json::Val
     ];
     let mut rows = Vec::new();
     for &(seqs, lo, hi) in cases {
-        let order = shuffled_block_ids(seqs);
-        let ctxs: Vec<usize> = order
-            .iter()
-            .map(|&k| lo + (hi - lo) * k as usize / (seqs - 1).max(1))
-            .collect();
-        let per_seq: Vec<usize> = ctxs.iter().map(|c| c.div_ceil(BLOCK)).collect();
-        let total: usize = per_seq.iter().sum();
+        let ctxs = spread_contexts(seqs, lo, hi);
+        let total = context_blocks(&ctxs, BLOCK);
         let cache = one.new_cache(total + 64, BLOCK).expect("cache");
-        let ids = shuffled_block_ids(total);
-        let mut next = 0;
-        let bt = ForwardBatch {
-            sequences: ctxs
-                .iter()
-                .zip(&per_seq)
-                .enumerate()
-                .map(|(s, (&ctx, &n))| {
-                    next += n;
-                    SequenceChunk {
-                        tokens: vec![(s % 1000) as u32 + 3],
-                        start_position: ctx - 1,
-                        block_table: ids[next - n..next].to_vec(),
-                        logits: false,
-                    }
-                })
-                .collect(),
-        };
+        let bt = decode_batch(&ctxs, BLOCK, &shuffled_block_ids(total));
         one.randomize_attention_inputs(&bt, &cache, 9)
             .expect("random inputs");
         let kv_bytes = layer_kv_bytes(ctxs.iter().sum()) as f64;

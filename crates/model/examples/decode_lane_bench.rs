@@ -9,43 +9,15 @@
 //! ```
 
 use model::cuda::{CudaLlama, DecodeKernel, StreamVariant};
-use model::{ForwardBatch, SequenceChunk};
 use serde_json::json;
 
 mod common;
 
-use common::{compare_outputs, llama3_8b, shuffled_block_ids};
+use common::{
+    compare_outputs, context_blocks, decode_batch, llama3_8b, shuffled_block_ids, spread_contexts,
+};
 
 const BLOCK: usize = 16;
-
-/// One decode token a sequence after `ctx - 1` cached ones, blocks shuffled over the cache.
-fn decode_batch(ctxs: &[usize], ids: &[u32]) -> ForwardBatch {
-    let mut next = 0;
-    ForwardBatch {
-        sequences: ctxs
-            .iter()
-            .enumerate()
-            .map(|(s, &ctx)| {
-                let n = ctx.div_ceil(BLOCK);
-                next += n;
-                SequenceChunk {
-                    tokens: vec![(s % 1000) as u32 + 3],
-                    start_position: ctx - 1,
-                    block_table: ids[next - n..next].to_vec(),
-                    logits: false,
-                }
-            })
-            .collect(),
-    }
-}
-
-/// Contexts of a case: `seqs` of them spread evenly over [lo, hi] in shuffled order.
-fn contexts(seqs: usize, lo: usize, hi: usize) -> Vec<usize> {
-    shuffled_block_ids(seqs)
-        .iter()
-        .map(|&k| lo + (hi - lo) * k as usize / (seqs - 1).max(1))
-        .collect()
-}
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -71,10 +43,10 @@ fn main() {
     let ctas: &[usize] = &[8, 16, 24, 32, 40, 48, 64, 96, sms];
     let mut rows = Vec::new();
     for &(seqs, lo, hi) in cases {
-        let ctxs = contexts(seqs, lo, hi);
-        let blocks: usize = ctxs.iter().map(|c| c.div_ceil(BLOCK)).sum();
+        let ctxs = spread_contexts(seqs, lo, hi);
+        let blocks = context_blocks(&ctxs, BLOCK);
         let cache = one.new_cache(blocks + 64, BLOCK).expect("cache");
-        let bt = decode_batch(&ctxs, &shuffled_block_ids(blocks));
+        let bt = decode_batch(&ctxs, BLOCK, &shuffled_block_ids(blocks));
         one.randomize_attention_inputs(&bt, &cache, 11)
             .expect("inputs");
         let kv_bytes = (ctxs.iter().sum::<usize>() * 8 * 128 * 2 * 2) as f64;

@@ -1,6 +1,7 @@
-//! What the CUDA benchmark examples share: the Llama-3-8B shape and shuffled block ids.
+//! What the CUDA benchmark examples share: the Llama-3-8B shape, shuffled block ids, decode
+//! batches of spread contexts and comparing outputs.
 
-use model::ModelConfig;
+use model::{ForwardBatch, ModelConfig, SequenceChunk};
 
 /// Llama-3-8B's shape with `layers` layers.
 pub fn llama3_8b(layers: usize) -> ModelConfig {
@@ -37,4 +38,42 @@ pub fn compare_outputs(got: &[f32], reference: &[f32]) -> (f32, usize) {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     (max_abs_diff, got.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// `seqs` contexts spread evenly over [lo, hi], in shuffled order.
+#[allow(dead_code)] // (not every example builds decode batches)
+pub fn spread_contexts(seqs: usize, lo: usize, hi: usize) -> Vec<usize> {
+    shuffled_block_ids(seqs)
+        .iter()
+        .map(|&k| lo + (hi - lo) * k as usize / (seqs - 1).max(1))
+        .collect()
+}
+
+/// Cache blocks of `block` tokens the contexts `ctxs` take.
+#[allow(dead_code)]
+pub fn context_blocks(ctxs: &[usize], block: usize) -> usize {
+    ctxs.iter().map(|c| c.div_ceil(block)).sum()
+}
+
+/// One decode token a sequence after `ctx - 1` cached ones for each of `ctxs`, the sequences'
+/// blocks of `block` tokens taken in turn from `ids`.
+#[allow(dead_code)]
+pub fn decode_batch(ctxs: &[usize], block: usize, ids: &[u32]) -> ForwardBatch {
+    let mut next = 0;
+    ForwardBatch {
+        sequences: ctxs
+            .iter()
+            .enumerate()
+            .map(|(s, &ctx)| {
+                let n = ctx.div_ceil(block);
+                next += n;
+                SequenceChunk {
+                    tokens: vec![(s % 1000) as u32 + 3],
+                    start_position: ctx - 1,
+                    block_table: ids[next - n..next].to_vec(),
+                    logits: false,
+                }
+            })
+            .collect(),
+    }
 }
