@@ -9,41 +9,34 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use prefix_tree::RequestIndex;
 use scheduler::{shard, LengthKnowledge, PerfModel, Preparation, Sharding};
 use serde_json::Value;
 use workload::{Request, Workload};
 
 use crate::run_cmd::{is_openai_batch, load_entries, perf_model, Entry, ModelInfo, RunArgs};
 
-/// Each request's rank, for `ranks` ranks cut by `sharding` from the requests in input order
+/// The requests of `workload` (in input order) each of `ranks` ranks runs, cut by `sharding`
 /// (priced by `perf`; output lengths as the scheduler will know them: the recorded ones when
 /// `known_lengths`, else `max_tokens`).
-pub fn request_ranks(
-    requests: Vec<Request>,
+pub fn cut_ranks(
+    workload: &Workload,
     perf: &PerfModel,
     known_lengths: bool,
     seed: u64,
     ranks: usize,
     sharding: Sharding,
-) -> Vec<usize> {
-    let n = requests.len();
-    let workload = Workload {
-        requests,
-        sources: vec!["run".into()],
-    };
+) -> Vec<Vec<RequestIndex>> {
     let lengths = if known_lengths {
         LengthKnowledge::Known
     } else {
         LengthKnowledge::MaxTokens
     };
-    let preparation = Preparation::new(&workload, perf, lengths, seed);
-    let mut rank_of = vec![0; n];
-    for (rank, ids) in shard(&preparation, ranks, sharding).iter().enumerate() {
-        for &i in ids {
-            rank_of[i as usize] = rank;
-        }
-    }
-    rank_of
+    shard(
+        &Preparation::new(workload, perf, lengths, seed),
+        ranks,
+        sharding,
+    )
 }
 
 /// `--rank K --ranks N`: both or neither, K < N.
@@ -354,17 +347,13 @@ struct Manifest {
 }
 
 /// The simulator's view of `requests` alone: predicted seconds, density, shared prompt tokens.
-fn predict(requests: Vec<Request>, perf: &PerfModel, policy: &str) -> Result<(f64, f64, f64)> {
-    let workload = Workload {
-        requests,
-        sources: vec!["plan".into()],
-    };
+fn predict(workload: &Workload, perf: &PerfModel, policy: &str) -> Result<(f64, f64, f64)> {
     if workload.is_empty() {
         return Ok((0.0, 1.0, 0.0));
     }
     let mut config = sim::SimConfig::new(perf.model.clone(), perf.hardware.clone(), perf.executor);
     config.lengths = LengthKnowledge::Known;
-    let simulation = sim::Simulation::new(&workload, config)?;
+    let simulation = sim::Simulation::new(workload, config)?;
     let kind = scheduler::PolicyKind::parse(policy)?;
     let report = simulation.run(policy, &kind, &mut |_, _| {})?;
     let p = simulation.preparation();
@@ -379,16 +368,16 @@ pub fn write_plan(
     dir: &Path,
     text: &str,
     line_rank: &HashMap<usize, usize>,
-    ranks: usize,
     sharding: &Sharding,
-    requests: &[Request],
-    rank_of: &[usize],
+    workload: &Workload,
+    shards: &[Vec<RequestIndex>],
     perf: &PerfModel,
     policy: &str,
 ) -> Result<()> {
+    let ranks = shards.len();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut per_rank = Vec::with_capacity(ranks);
-    for rank in 0..ranks {
+    for (rank, ids) in shards.iter().enumerate() {
         let name = format!("rank-{rank}.jsonl");
         let mut out = String::with_capacity(text.len() / ranks.max(1));
         for (i, line) in text.lines().enumerate() {
@@ -399,30 +388,24 @@ pub fn write_plan(
         }
         let path = dir.join(&name);
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-        let mine: Vec<Request> = requests
-            .iter()
-            .zip(rank_of)
-            .filter(|(_, &r)| r == rank)
-            .map(|(q, _)| q.clone())
-            .collect();
-        let count = mine.len();
-        let (predicted_secs, density, shared_prompt_tokens) = predict(mine, perf, policy)?;
+        let mine = sim::ranks::sub_workload(workload, ids);
+        let (predicted_secs, density, shared_prompt_tokens) = predict(&mine, perf, policy)?;
         per_rank.push(PlannedRank {
             rank,
             file: name,
-            requests: count,
+            requests: mine.len(),
             predicted_secs,
             density,
             shared_prompt_tokens,
         });
     }
-    let (single, _, shared) = predict(requests.to_vec(), perf, policy)?;
+    let (single, _, shared) = predict(workload, perf, policy)?;
     let manifest = Manifest {
         ranks,
         sharding: sharding.to_string(),
         model: perf.model.name.clone(),
         hardware: perf.hardware.name.clone(),
-        requests: requests.len(),
+        requests: workload.len(),
         predicted_single_secs: single,
         predicted_secs: per_rank
             .iter()
@@ -493,15 +476,13 @@ pub fn plan(args: &RunArgs) -> Result<()> {
         .zip(&cut.of_entry)
         .map(|(e, r)| (e.line(), r.unwrap_or(0)))
         .collect();
-    let rank_of: Vec<usize> = cut.of_entry.iter().flatten().copied().collect();
     write_plan(
         dir,
         &text,
         &line_rank,
-        ranks,
         &cut.sharding,
-        &cut.requests,
-        &rank_of,
+        &cut.workload,
+        &cut.shards,
         &cut.perf,
         &args.policy,
     )
@@ -518,7 +499,7 @@ pub(crate) fn keep_rank(
         return Ok(entries);
     };
     let cut = EntryRanks::new(&entries, args, info, ranks)?;
-    let jobs = cut.requests.len();
+    let jobs = cut.workload.len();
     let kept: Vec<Entry> = entries
         .into_iter()
         .zip(&cut.of_entry)
@@ -534,10 +515,12 @@ pub(crate) fn keep_rank(
 }
 
 /// The run's requests cut into ranks: each entry's rank (`None` for a line refused up front,
-/// which rank 0 writes), the requests as the scheduler sees them, and how they were priced.
+/// which rank 0 writes), the requests as the scheduler sees them, each rank's, and how they
+/// were priced.
 struct EntryRanks {
     of_entry: Vec<Option<usize>>,
-    requests: Vec<Request>,
+    workload: Workload,
+    shards: Vec<Vec<RequestIndex>>,
     sharding: Sharding,
     perf: PerfModel,
 }
@@ -546,7 +529,11 @@ impl EntryRanks {
     fn new(entries: &[Entry], args: &RunArgs, info: &ModelInfo, ranks: usize) -> Result<Self> {
         let sharding: Sharding = args.sharding.parse()?;
         let requests: Vec<Option<Request>> = entries.iter().map(Entry::scheduler_request).collect();
-        let jobs: Vec<Request> = requests.iter().flatten().cloned().collect();
+        let is_job: Vec<bool> = requests.iter().map(Option::is_some).collect();
+        let workload = Workload {
+            requests: requests.into_iter().flatten().collect(),
+            sources: vec!["run".into()],
+        };
         let dtype_bytes = if args.device == "cuda" { 2 } else { 4 };
         // From the flags alone: every rank must cut alike, whatever files its machine holds.
         let choice = crate::hardware::choose(
@@ -556,22 +543,29 @@ impl EntryRanks {
             |_| None,
         );
         let perf = perf_model(args, info, dtype_bytes, &choice)?;
-        let mut rank_of = request_ranks(
-            jobs.clone(),
+        let shards = cut_ranks(
+            &workload,
             &perf,
             args.assume_known_lengths,
             args.workload.seed,
             ranks,
             sharding,
-        )
-        .into_iter();
-        let of_entry = requests
-            .iter()
-            .map(|r| r.as_ref().and_then(|_| rank_of.next()))
+        );
+        let mut rank_of = vec![0; workload.len()];
+        for (rank, ids) in shards.iter().enumerate() {
+            for &i in ids {
+                rank_of[i as usize] = rank;
+            }
+        }
+        let mut job_ranks = rank_of.into_iter();
+        let of_entry = is_job
+            .into_iter()
+            .map(|job| if job { job_ranks.next() } else { None })
             .collect();
         Ok(EntryRanks {
             of_entry,
-            requests: jobs,
+            workload,
+            shards,
             sharding,
             perf,
         })

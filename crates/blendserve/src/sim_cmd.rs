@@ -170,7 +170,7 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
     let mut reports = Vec::new();
     for &executor in &executors {
         let config = build_sim_config(args, executor)?;
-        let simulation = Simulation::new(&workload, config)?;
+        let simulation = Simulation::new(&workload, config.clone())?;
         let p = simulation.preparation();
         tracing::info!(
             "executor {executor}: tree of {} nodes in {:.2}s, sharing ratio {:.1}%, {} KV blocks, optimal bound {:.1}s",
@@ -218,7 +218,7 @@ pub fn run_sim(args: &SimArgs) -> Result<()> {
                         &workload,
                         &simulation,
                         &report,
-                        &build_sim_config(args, executor)?,
+                        &config,
                         (name, kind),
                         n,
                         sharding,

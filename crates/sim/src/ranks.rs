@@ -136,15 +136,15 @@ pub fn simulate_ranks(
             let simulation = Simulation::new(&part, config.clone())?;
             these.push(simulation.run(name, kind, &mut |_, _| {})?);
         }
-        let slowest = |rs: &[SimReport]| rs.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
-        if per_rank.is_empty() || slowest(&these) < slowest(&per_rank) {
-            per_rank = these.clone();
-        }
         if these.len() == shares.len() {
             let mean = these.iter().map(|r| r.makespan_secs).sum::<f64>() / these.len() as f64;
             for (s, r) in shares.iter_mut().zip(&these) {
                 *s *= mean / r.makespan_secs.max(1e-12);
             }
+        }
+        let slowest = |rs: &[SimReport]| rs.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
+        if per_rank.is_empty() || slowest(&these) < slowest(&per_rank) {
+            per_rank = these;
         }
     }
     let makespan_secs = per_rank.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
