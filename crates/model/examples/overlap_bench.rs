@@ -8,12 +8,16 @@
 //! cargo build --release -p model --example overlap_bench --features cuda
 //! ./target/release/examples/overlap_bench [--layers N] [--ctx TOKENS] [--executors LIST] \
 //!     [--decode-kernel lanes|tensor-cores] [--lane-kernel stream|default] \
-//!     [--blends PREFILL:DECODES,...] [--lane-timing] [--reps N] > out.json
+//!     [--blends PREFILL:DECODES,...] [--lane-timing] [--reps N] \
+//!     [--lane-gemms cublas,persistent] > out.json
+//!
+//! `--lane-gemms` runs every overlapped executor with each compute-lane GEMM in turn (default:
+//! the model's).
 //! ```
 
 use std::time::Instant;
 
-use model::cuda::{CudaLlama, DecodeKernel, StepExecutor, StreamVariant};
+use model::cuda::{CudaLlama, DecodeKernel, LaneGemm, StepExecutor, StreamVariant};
 use model::{CudaStepModel, ProbeBlend, StepModel, StepWork};
 use serde_json::json;
 
@@ -103,6 +107,14 @@ fn main() {
     let block_ids = shuffled_block_ids(num_blocks);
 
     let reps: usize = arg("--reps").map_or(4, |v| v.parse().expect("--reps N"));
+    let lane_gemms: Vec<LaneGemm> = arg("--lane-gemms").map_or_else(
+        || vec![model.model().lane_gemm()],
+        |v| {
+            v.split(',')
+                .map(|k| k.parse().unwrap_or_else(|e| panic!("--lane-gemms: {e}")))
+                .collect()
+        },
+    );
     let mut rows = Vec::new();
     for &(p, d) in blends {
         let [b, prefill_part, decode_part] = probe((p, d))
@@ -147,8 +159,20 @@ fn main() {
             "    planner: attention / GEMM {attention_over_gemm:.2}, memory lane {planned:?} SMs"
         );
         let mut by_executor = Vec::new();
-        for &e in &executors {
-            if let Err(err) = model.model_mut().set_executor(e) {
+        let runs = executors.iter().flat_map(|&e| {
+            let kinds = if e == StepExecutor::Sequential {
+                &lane_gemms[..1]
+            } else {
+                &lane_gemms[..]
+            };
+            kinds.iter().map(move |&kind| (e, kind))
+        });
+        for (e, lane_gemm) in runs {
+            let set = model
+                .model_mut()
+                .set_executor(e)
+                .and_then(|_| model.model_mut().set_lane_gemm(lane_gemm));
+            if let Err(err) = set {
                 eprintln!("    {e}: {err}");
                 by_executor.push(json!({"executor": e.to_string(), "error": err.to_string()}));
                 continue;
@@ -209,14 +233,15 @@ fn main() {
             }
             eprintln!(
                 "    {:12} {:7.2} ms  {:5.3}x sequential  lanes {prefill_sms}/{decode_sms} SMs (compute/memory)  \
-                 greedy tokens equal {same}/{}  lane {lane_kernel}",
+                 greedy tokens equal {same}/{}  lane {lane_kernel}, GEMM {lane_gemm:?}",
                 e.to_string(),
                 secs * 1e3,
                 sequential / secs,
                 tokens.len()
             );
             by_executor.push(json!({
-                "executor": e.to_string(), "secs": secs, "speedup": sequential / secs,
+                "executor": e.to_string(), "lane_gemm": format!("{lane_gemm:?}"),
+                "secs": secs, "speedup": sequential / secs,
                 "compute_sms": prefill_sms, "memory_sms": decode_sms, "lane_kernel": lane_kernel,
                 "step_memory_sms": step_memory_sms,
                 "greedy_equal": same, "greedy_total": tokens.len(),

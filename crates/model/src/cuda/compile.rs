@@ -20,6 +20,8 @@ pub(super) const KERNELS_SRC: &str = concat!(
     "\n",
     include_str!("kernels/prefill_wgmma.cu"),
     "\n",
+    include_str!("kernels/gemm_persistent.cu"),
+    "\n",
     include_str!("kernels/decode_stream.cu"),
     "\n",
     include_str!("kernels/sampling.cu"),
@@ -91,6 +93,8 @@ pub(super) struct Kernels {
     /// Compute capability 9.0 only (compiled for `sm_90a`): the variants of `WGMMA_PREFERENCE`,
     /// then the others when [`Kernels::load_all_wgmma_variants`] ran.
     pub(super) prefill_wgmma: HashMap<WgmmaVariant, CudaFunction>,
+    /// The persistent GEMM (compute capability 9.0).
+    pub(super) gemm_persistent: Option<gemm_persistent::PersistentGemm>,
     pub(super) argmax_rows: CudaFunction,
     pub(super) fill_uniform: CudaFunction,
 }
@@ -138,7 +142,11 @@ impl Kernels {
         }
         let mut prefill_wgmma = HashMap::new();
         let mut decode_stream = HashMap::new();
+        let mut gemm_persistent = None;
         if (major, minor) == (9, 0) {
+            gemm_persistent = Some(gemm_persistent::PersistentGemm {
+                functions: gemm_persistent::persistent_gemm_functions(&module)?,
+            });
             for variant in StreamVariant::ALL {
                 let func = f(&variant.function_name(4))?;
                 allow_all_dynamic_smem(ctx, &func)?;
@@ -161,6 +169,7 @@ impl Kernels {
             decode_stream_reduce: f("paged_decode_stream_reduce")?,
             prefill,
             prefill_wgmma,
+            gemm_persistent,
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
             _module: module,

@@ -1,10 +1,14 @@
-//! bf16 GEMMs through cuBLAS on the model's stream.
+//! bf16 GEMMs through cuBLAS on the model's stream, or (Hopper, bf16 out) through the
+//! persistent wgmma GEMM on a fixed number of SMs when the overlapped executor's compute lane
+//! asks for it ([`Gemm::set_persistent_ctas`]).
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream};
 
+use super::gemm_persistent::{persistent_shape_ok, PersistentGemm};
 use super::{cuda_err, raw_ptr};
 use crate::ModelError;
 
@@ -12,10 +16,43 @@ use crate::ModelError;
 /// same kernels.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// The GEMMs of the overlapped executor's compute lane, which must leave the memory lane's SMs
+/// free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LaneGemm {
+    /// cuBLAS told the lane's SM count (`cublasSetSmCountTarget`): the default, as it ran the
+    /// overlapped steps faster on the H200 (NOTES.md section 13).
+    #[default]
+    Cublas,
+    /// The persistent wgmma kernel as exactly one block a lane SM (compute capability 9.0;
+    /// cuBLAS elsewhere and for f32 outputs).
+    Persistent,
+}
+
+impl std::str::FromStr for LaneGemm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cublas" => Ok(LaneGemm::Cublas),
+            "persistent" => Ok(LaneGemm::Persistent),
+            _ => Err(format!("unknown lane GEMM {s:?}: cublas or persistent")),
+        }
+    }
+}
+
 /// `out[tokens, n] = x[tokens, k] · w[n, k]ᵀ`, row-major, the layout of a HF linear layer.
 pub struct Gemm {
     blas: CudaBlas,
     _workspace: CudaSlice<u8>,
+    /// The stream GEMMs go on (a `CUstream` as an integer).
+    stream: AtomicU64,
+    /// The persistent kernels, where compiled (compute capability 9.0).
+    persistent: Option<PersistentGemm>,
+    /// Blocks the persistent kernel runs as; 0: cuBLAS.
+    persistent_ctas: AtomicUsize,
+    /// The persistent kernel's tile counters (two u32, zero between launches).
+    tile_counters: CudaSlice<u32>,
 }
 
 impl Gemm {
@@ -28,16 +65,59 @@ impl Gemm {
         unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) }
             .result()
             .map_err(|e| cuda_err("cuBLAS workspace", e))?;
+        let tile_counters = stream
+            .alloc_zeros::<u32>(2)
+            .map_err(|e| cuda_err("GEMM tile counters", e))?;
         Ok(Gemm {
+            tile_counters,
             blas,
             _workspace: workspace,
+            stream: AtomicU64::new(stream.cu_stream() as u64),
+            persistent: None,
+            persistent_ctas: AtomicUsize::new(0),
         })
+    }
+
+    /// Gives this handle the persistent kernels (compiled for Hopper) to run on request.
+    pub(super) fn with_persistent(mut self, persistent: Option<PersistentGemm>) -> Gemm {
+        self.persistent = persistent;
+        self
+    }
+
+    /// Runs bf16-out GEMMs as the persistent kernel on exactly `ctas` SMs (0: back to cuBLAS).
+    /// Returns whether the kernel is there (compute capability 9.0).
+    pub fn set_persistent_ctas(&self, ctas: usize) -> bool {
+        self.persistent_ctas.store(ctas, Ordering::Relaxed);
+        self.persistent.is_some()
+    }
+
+    /// Sizes this handle's GEMMs for a lane of `sms` SMs with `kind`: the persistent kernel on
+    /// `sms` blocks where it is compiled, else cuBLAS with that SM-count target.
+    pub(super) fn size_for_lane(&self, sms: usize, kind: LaneGemm) -> Result<(), ModelError> {
+        if kind == LaneGemm::Persistent && self.set_persistent_ctas(sms) {
+            self.set_sm_count_target(0)
+        } else {
+            self.set_persistent_ctas(0);
+            self.set_sm_count_target(sms)
+        }
+    }
+
+    fn counters_ptr(&self) -> u64 {
+        let stream = self.tile_counters.stream().clone();
+        raw_ptr(&self.tile_counters, &stream)
+    }
+
+    /// Blocks of the persistent kernel, if bf16 GEMMs run on it.
+    pub fn persistent_ctas(&self) -> Option<usize> {
+        let ctas = self.persistent_ctas.load(Ordering::Relaxed);
+        (self.persistent.is_some() && ctas > 0).then_some(ctas)
     }
 
     /// Queues this handle's GEMMs on `stream` (a lane of the overlapped executor) instead of
     /// the stream it was made on.
     pub fn set_stream(&self, stream: cudarc::driver::sys::CUstream) -> Result<(), ModelError> {
         // SAFETY: the handle is live; the caller keeps `stream` alive while the handle is.
+        self.stream.store(stream as u64, Ordering::Relaxed);
         unsafe { sys::cublasSetStream_v2(*self.blas.handle(), stream as sys::cudaStream_t) }
             .result()
             .map_err(|e| cuda_err("cuBLAS set stream", e))
@@ -67,6 +147,13 @@ impl Gemm {
     ) -> Result<(), ModelError> {
         if tokens == 0 {
             return Ok(());
+        }
+        if let (Some(p), Some(ctas)) = (&self.persistent, self.persistent_ctas()) {
+            if !out_f32 && persistent_shape_ok(k, n) {
+                let stream = self.stream.load(Ordering::Relaxed) as cudarc::driver::sys::CUstream;
+                let counters = self.counters_ptr();
+                return p.launch(stream, ctas, counters, out, x, w, tokens, k, n);
+            }
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let out_type = if out_f32 {

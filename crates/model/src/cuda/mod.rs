@@ -13,7 +13,8 @@
 //! Layout: `kernels/` holds the CUDA C++, one kernel family a file; `compile.rs` compiles and
 //! loads it; `decode.rs` and `prefill.rs` choose each attention launch's kernel and shape,
 //! `plan.rs` builds a step's attention plan, `attention.rs` launches attention; `gemm.rs` wraps
-//! cuBLAS; `overlap.rs` is the overlapped executor. This file keeps the model itself: weights,
+//! cuBLAS and `gemm_persistent.rs` our persistent wgmma GEMM (the compute lane's option);
+//! `overlap.rs` is the overlapped executor. This file keeps the model itself: weights,
 //! caches, and the step's orchestration.
 //!
 //! Why not burn-cuda: cuBLAS must run on the stream that orders our kernels, and CubeCL 0.10 keeps
@@ -26,6 +27,7 @@ mod compile;
 mod decode;
 mod decode_stream;
 mod gemm;
+mod gemm_persistent;
 mod overlap;
 mod overlap_step;
 mod plan;
@@ -42,7 +44,7 @@ pub use compile::compile_kernels;
 pub use decode::{decode_launch_shape, decode_smem_bytes, DecodeKernel};
 pub use decode_stream::StreamVariant;
 use decode_stream::{stream_shape, StreamShape, STREAM_DECODE_CHUNK_TOKENS};
-pub use gemm::Gemm;
+pub use gemm::{Gemm, LaneGemm};
 pub use overlap::{SmSplit, StepExecutor};
 pub use prefill::{tma_block_size_ok, PrefillKernel, WgmmaVariant};
 
@@ -158,6 +160,8 @@ pub struct CudaLlama {
     overlap_planner: crate::OverlapPlanner,
     /// The memory lane's SMs of the last step (`None`: sequential).
     last_memory_sms: Option<usize>,
+    /// The overlapped executor's compute-lane GEMMs.
+    lane_gemm: LaneGemm,
     /// The memory lane's decode kernel a benchmark forces (`None`: the stream kernel where the
     /// lane has SMs of its own and the GPU has it, else the model's decode kernel).
     forced_lane_decode: Option<DecodeKernel>,
@@ -224,7 +228,7 @@ impl CudaLlama {
             .map_err(|e| cuda_err("creating a stream", e))?;
         let kernels = Kernels::compile(&ctx)?;
         let kernels_cc_major = kernels.compute_capability.0;
-        let gemm = Gemm::new(stream.clone())?;
+        let gemm = Gemm::new(stream.clone())?.with_persistent(kernels.gemm_persistent.clone());
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -260,6 +264,7 @@ impl CudaLlama {
             forced_lane_decode: None,
             overlap_planner: crate::OverlapPlanner::h200(sm_count),
             last_memory_sms: None,
+            lane_gemm: LaneGemm::default(),
             decode_dependent_launch: kernels_cc_major >= 9,
             decode_longest_first: true,
             hidden: Scratch::new(),
@@ -850,6 +855,8 @@ impl CudaLlama {
                 &self.stream,
                 self.sm_count,
                 executor,
+                &self.kernels.gemm_persistent,
+                self.lane_gemm,
             )?);
         }
         Ok(())
@@ -1322,8 +1329,13 @@ mod tests {
                         "{name} presence for sm_{major}{minor}, all variants {all}"
                     );
                 }
-                for variant in super::StreamVariant::ALL {
-                    let name = variant.function_name(4);
+                let persistent =
+                    super::gemm_persistent::PERSISTENT_TILES.map(|t| t.function_name());
+                for name in persistent
+                    .iter()
+                    .cloned()
+                    .chain(super::StreamVariant::ALL.map(|v| v.function_name(4)))
+                {
                     assert_eq!(
                         text.contains(&format!(".entry {name}(")),
                         (major, minor) == (9, 0),

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::{self, CUevent, CUgreenCtx, CUstream};
 use cudarc::driver::{CudaContext, CudaStream};
 
-use super::{cuda_err, Gemm, Scratch};
+use super::gemm_persistent::PersistentGemm;
+use super::{cuda_err, Gemm, LaneGemm, Scratch};
 use crate::ModelError;
 
 use crate::forward::{ForwardBatch, SequenceChunk};
@@ -215,6 +216,8 @@ pub(super) struct Overlap {
     /// Per nano-batch: its decode attention of the current layer is done (memory lane).
     pub(super) attention_done: [CUevent; 2],
     pub(super) executor: StepExecutor,
+    /// The compute lane's GEMMs.
+    pub(super) lane_gemm: LaneGemm,
     /// Timing events of the last step, when a benchmark asked for them.
     pub(super) timing: Option<std::cell::RefCell<LaneTiming>>,
 }
@@ -370,8 +373,9 @@ impl Lane {
         main: &Arc<CudaStream>,
         stream: LaneStream,
         sm_count: usize,
+        persistent: &Option<PersistentGemm>,
     ) -> Result<Lane, ModelError> {
-        let gemm = Gemm::new(main.clone())?;
+        let gemm = Gemm::new(main.clone())?.with_persistent(persistent.clone());
         gemm.set_stream(stream.stream)?;
         Ok(Lane {
             gemm,
@@ -390,12 +394,15 @@ impl Lane {
 
 impl Overlap {
     /// Lanes for `executor` (which must be [`StepExecutor::Overlapped`]) on the GPU of `ctx`,
-    /// which has `sm_count` SMs.
+    /// which has `sm_count` SMs; the compute lane's GEMMs as `lane_gemm` says (`persistent`:
+    /// the persistent kernels, where compiled).
     pub(super) fn new(
         ctx: &Arc<CudaContext>,
         main: &Arc<CudaStream>,
         sm_count: usize,
         executor: StepExecutor,
+        persistent: &Option<PersistentGemm>,
+        lane_gemm: LaneGemm,
     ) -> Result<Overlap, ModelError> {
         let (memory_sms, split) = match executor {
             StepExecutor::Sequential => {
@@ -417,25 +424,36 @@ impl Overlap {
             .map_err(|e| cuda_err("binding the context", e))?;
         let lanes = match split {
             SmSplit::Shared => [
-                Lane::new(main, LaneStream::plain(0)?, sm_count)?,
-                Lane::new(main, LaneStream::plain(0)?, sm_count)?,
+                Lane::new(main, LaneStream::plain(0)?, sm_count, &None)?,
+                Lane::new(main, LaneStream::plain(0)?, sm_count, &None)?,
             ],
             SmSplit::GemmTarget => {
-                let compute = Lane::new(main, LaneStream::plain(0)?, sm_count - memory_sms)?;
-                compute.gemm.set_sm_count_target(sm_count - memory_sms)?;
+                let compute = Lane::new(
+                    main,
+                    LaneStream::plain(0)?,
+                    sm_count - memory_sms,
+                    persistent,
+                )?;
+                compute
+                    .gemm
+                    .size_for_lane(sm_count - memory_sms, lane_gemm)?;
                 let memory = LaneStream::plain(greatest_priority()?)?;
-                [compute, Lane::new(main, memory, memory_sms)?]
+                [compute, Lane::new(main, memory, memory_sms, &None)?]
             }
             SmSplit::GreenContexts => {
                 let (compute, compute_sms, memory, memory_sms) =
                     green_lane_streams(ctx, memory_sms)?;
-                [
-                    Lane::new(main, compute, compute_sms)?,
-                    Lane::new(main, memory, memory_sms)?,
-                ]
+                let compute = Lane::new(main, compute, compute_sms, persistent)?;
+                // On its own partition the lane's cuBLAS needs no target; the persistent
+                // kernel still needs its block count.
+                if lane_gemm == LaneGemm::Persistent {
+                    compute.gemm.set_persistent_ctas(compute_sms);
+                }
+                [compute, Lane::new(main, memory, memory_sms, &None)?]
             }
         };
         Ok(Overlap {
+            lane_gemm,
             lanes,
             start: sync_event()?,
             qkv_ready: [sync_event()?, sync_event()?],
@@ -455,7 +473,9 @@ impl Overlap {
     pub(super) fn resize(&mut self, memory_sms: usize) -> Result<(), ModelError> {
         let total = self.lanes[0].sm_count + self.lanes[1].sm_count;
         if self.lanes[1].sm_count != memory_sms && memory_sms < total {
-            self.lanes[0].gemm.set_sm_count_target(total - memory_sms)?;
+            self.lanes[0]
+                .gemm
+                .size_for_lane(total - memory_sms, self.lane_gemm)?;
             self.lanes[0].sm_count = total - memory_sms;
             self.lanes[1].sm_count = memory_sms;
         }

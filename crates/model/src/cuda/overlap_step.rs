@@ -14,6 +14,39 @@ impl CudaLlama {
         &self.overlap_planner
     }
 
+    /// The overlapped executor's compute-lane GEMMs (cuBLAS with an SM target by default);
+    /// applies to the lanes in use at once.
+    pub fn set_lane_gemm(&mut self, kind: LaneGemm) -> Result<(), ModelError> {
+        self.lane_gemm = kind;
+        if let Some(o) = self.overlap.as_mut() {
+            o.lane_gemm = kind;
+            let (compute_sms, _) = o.sm_split();
+            let compute = &o.lanes[0].gemm;
+            match o.executor {
+                StepExecutor::Overlapped {
+                    split: SmSplit::Shared,
+                    ..
+                } => {}
+                StepExecutor::Overlapped {
+                    split: SmSplit::GreenContexts,
+                    ..
+                } => {
+                    compute.set_persistent_ctas(if kind == LaneGemm::Persistent {
+                        compute_sms
+                    } else {
+                        0
+                    });
+                }
+                _ => compute.size_for_lane(compute_sms, kind)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lane_gemm(&self) -> LaneGemm {
+        self.lane_gemm
+    }
+
     /// The memory lane's SMs of the last step, `None` if it ran sequentially.
     pub fn last_step_memory_sms(&self) -> Option<usize> {
         self.last_memory_sms
@@ -163,4 +196,54 @@ pub(super) fn step_work(batch: &ForwardBatch) -> crate::StepWork {
         }
     }
     w
+}
+
+impl CudaLlama {
+    /// The lanes side by side (a benchmark of the overlapped executor's SM split): seconds from
+    /// queueing `attention_repeats` decode attentions of `batch` (its K and V in `cache`) on the
+    /// memory lane and `gemms` on the compute lane's GEMM handle, both at once, until the
+    /// memory lane is done and until the compute lane is (the pair's time is the larger).
+    /// Either may be empty, which times the other lane alone. Needs an overlapped executor;
+    /// the attention runs with the model's decode kernel.
+    pub fn time_lanes_together(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &CudaKvCache,
+        attention_repeats: usize,
+        gemms: impl Fn(&Gemm) -> Result<(), ModelError>,
+    ) -> Result<(f64, f64), ModelError> {
+        let memory_sms = self
+            .lane_sms()
+            .ok_or_else(|| ModelError::Cuda("lanes need an overlapped executor".into()))?
+            .1;
+        let run = self.prepare_attention(batch, cache, memory_sms)?;
+        let main = self.stream.cu_stream();
+        let overlap = self.overlap.as_ref().expect("checked");
+        let (compute, memory) = (overlap.lanes[0].stream(), overlap.lanes[1].stream());
+        let t0 = LaneTiming::mark(main)?;
+        wait(compute, t0)?;
+        wait(memory, t0)?;
+        for _ in 0..attention_repeats {
+            self.launch_attention(memory, &run, cache)?;
+        }
+        gemms(&overlap.lanes[0].gemm)?;
+        let ends = [LaneTiming::mark(memory)?, LaneTiming::mark(compute)?];
+        let mut secs = [0.0; 2];
+        for (s, &end) in secs.iter_mut().zip(&ends) {
+            // SAFETY: both events were created and recorded above; `end` is destroyed here.
+            let ms = unsafe {
+                let ms = cudarc::driver::result::event::synchronize(end)
+                    .and_then(|_| cudarc::driver::result::event::elapsed(t0, end));
+                let _ = cudarc::driver::result::event::destroy(end);
+                ms
+            }
+            .map_err(|e| cuda_err("timing the lanes", e))?;
+            *s = f64::from(ms) / 1e3;
+        }
+        // SAFETY: created above, no longer used.
+        unsafe {
+            let _ = cudarc::driver::result::event::destroy(t0);
+        }
+        Ok((secs[0], secs[1]))
+    }
 }

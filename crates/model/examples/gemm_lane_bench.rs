@@ -1,0 +1,289 @@
+//! The compute lane's GEMMs: cuBLAS and the persistent wgmma kernel on the whole GPU and on
+//! all but k SMs (cuBLAS told the SM count, the persistent kernel run as that many blocks),
+//! over the Llama-3-8B layer shapes, each persistent output checked against cuBLAS's. Prints one
+//! JSON object; fails if an output differs from cuBLAS's by more than bf16 rounding.
+//!
+//! ```text
+//! cargo build --release -p model --example gemm_lane_bench --features cuda
+//! ./target/release/examples/gemm_lane_bench [--quick] [--pairs-only] > gemm.json
+//! ```
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use model::cuda::{CudaLlama, DecodeKernel, LaneGemm, SmSplit, StepExecutor, StreamVariant};
+use serde_json::{json, Value};
+
+mod common;
+
+use common::{context_blocks, decode_batch, llama3_8b, shuffled_block_ids, spread_contexts};
+
+const BLOCK: usize = 16;
+
+/// Marks the start of a benchmark phase on stderr with the Unix time, to line up with clock and
+/// power samples (`nvidia-smi --query-gpu=timestamp,... -lms 20`).
+fn phase(what: &str) {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    eprintln!("phase {what} at {at:.3}");
+}
+
+/// Random bf16 in [-1, 1) (a fixed LCG), uploaded.
+fn random_bf16(stream: &std::sync::Arc<CudaStream>, n: usize, seed: u64) -> CudaSlice<u16> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let host: Vec<u16> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let f = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            (f.to_bits() >> 16) as u16
+        })
+        .collect();
+    stream.clone_htod(&host).expect("upload")
+}
+
+fn bf16_to_f32(v: u16) -> f32 {
+    f32::from_bits(u32::from(v) << 16)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut one = CudaLlama::random(llama3_8b(1), 0, 1).expect("model");
+    let stream = one.stream().clone();
+    let sms = one.sm_count();
+    let ptr = |s: &CudaSlice<u16>| {
+        let (p, _guard) = s.device_ptr(&stream);
+        p
+    };
+    let shapes = [
+        (4096, 6144, "qkv"),
+        (4096, 4096, "o"),
+        (4096, 28672, "gate_up"),
+        (14336, 4096, "down"),
+    ];
+    let pairs = lane_pairs(&mut one, quick);
+    if std::env::args().any(|a| a == "--pairs-only") {
+        println!("{}", json!({"sms": sms, "pairs": pairs}));
+        return;
+    }
+    let ms: &[usize] = if quick {
+        &[1024, 4096]
+    } else {
+        &[256, 512, 1024, 2048, 4096]
+    };
+    let memory_sms: &[usize] = &[16, 32, 40];
+    let g = one.gemm();
+    let mut rows = Vec::new();
+    for &(k, n, name) in &shapes {
+        let w = random_bf16(&stream, n * k, 7);
+        for &m in ms {
+            let x = random_bf16(&stream, m * k, 11 + m as u64);
+            let y_ref = stream.alloc_zeros::<u16>(m * n).expect("alloc");
+            let y = stream.alloc_zeros::<u16>(m * n).expect("alloc");
+            let (wp, xp) = (ptr(&w), ptr(&x));
+            let reps = (2e11 / (2.0 * (m * n * k) as f64)).clamp(5.0, 200.0) as usize;
+            // (persistent blocks, cuBLAS SM target): 0 blocks is cuBLAS.
+            let time = |blocks: usize, target: usize, out: u64| {
+                g.set_persistent_ctas(blocks);
+                g.set_sm_count_target(target).expect("target");
+                g.bf16(out, xp, wp, m, k, n, false).expect("gemm");
+                let secs = one
+                    .time(reps, |_| g.bf16(out, xp, wp, m, k, n, false))
+                    .expect("gemm");
+                g.set_persistent_ctas(0);
+                g.set_sm_count_target(0).expect("target");
+                secs
+            };
+            let cublas_full = time(0, 0, ptr(&y_ref));
+            if !g.set_persistent_ctas(0) {
+                eprintln!("no persistent GEMM on this GPU (compute capability 9.0 only)");
+                return;
+            }
+            let persistent_full = time(sms, 0, ptr(&y));
+            let reference = stream.clone_dtoh(&y_ref).expect("download");
+            let got = stream.clone_dtoh(&y).expect("download");
+            let (mut max_diff, mut max_ref) = (0.0f32, 0.0f32);
+            for (a, b) in got.iter().zip(&reference) {
+                let (a, b) = (bf16_to_f32(*a), bf16_to_f32(*b));
+                max_diff = max_diff.max((a - b).abs());
+                max_ref = max_ref.max(b.abs());
+            }
+            let rel_err = max_diff / max_ref.max(1e-6);
+            // bf16 rounding of an f32 sum differs by at most a few ulps of the output; more is
+            // a broken kernel.
+            assert!(
+                rel_err < 0.02,
+                "{name} m={m}: persistent GEMM differs from cuBLAS by {rel_err} of the largest output"
+            );
+            let tflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e12;
+            let best_full = cublas_full.min(persistent_full);
+            let mut lanes = Vec::new();
+            for &kk in memory_sms {
+                let lane = sms - kk;
+                let cublas = time(0, lane, ptr(&y));
+                let persistent = time(lane, 0, ptr(&y));
+                // Linear scaling of the whole GPU's best time to the lane's SMs.
+                let linear = best_full * sms as f64 / lane as f64;
+                eprintln!(
+                    "{name} m={m}: {lane} SMs: cuBLAS {:.0} TFLOP/s ({:.2} of linear), \
+                     persistent {:.0} ({:.2})",
+                    tflops(cublas),
+                    linear / cublas,
+                    tflops(persistent),
+                    linear / persistent
+                );
+                lanes.push(json!({
+                    "memory_sms": kk, "lane_sms": lane,
+                    "cublas_secs": cublas, "persistent_secs": persistent,
+                    "cublas_of_linear": linear / cublas,
+                    "persistent_of_linear": linear / persistent,
+                }));
+            }
+            eprintln!(
+                "{name} m={m} k={k} n={n}: whole GPU cuBLAS {:.0} TFLOP/s, persistent {:.0} \
+                 (max error {rel_err:.4} of the largest output)",
+                tflops(cublas_full),
+                tflops(persistent_full)
+            );
+            rows.push(json!({
+                "name": name, "m": m, "k": k, "n": n,
+                "cublas_full_secs": cublas_full, "persistent_full_secs": persistent_full,
+                "max_rel_error": rel_err, "lanes": lanes,
+            }));
+        }
+    }
+    let device = one.device_name().unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &json!({"device": device, "sms": sms, "gemms": rows, "pairs": pairs})
+        )
+        .expect("json")
+    );
+}
+
+/// The lanes side by side: one layer's four GEMMs for `rows` tokens on the compute lane (cuBLAS
+/// with an SM target, or the persistent kernel) beside the stream decode kernel on the memory
+/// lane's k SMs, repeated so that both take about as long on the whole GPU; the gain is the
+/// two run back to back on the whole GPU (cuBLAS, the default decode kernel) over the pair.
+fn lane_pairs(one: &mut CudaLlama, quick: bool) -> Vec<Value> {
+    let stream = one.stream().clone();
+    let sms = one.sm_count();
+    let ptr = |s: &CudaSlice<u16>| {
+        let (p, _guard) = s.device_ptr(&stream);
+        p
+    };
+    let layer = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)];
+    let weights: Vec<CudaSlice<u16>> = layer
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, n))| random_bf16(&stream, n * k, 100 + i as u64))
+        .collect();
+    let ctxs = spread_contexts(256, 1024, 3072);
+    let blocks = context_blocks(&ctxs, BLOCK);
+    let cache = one.new_cache(blocks + 64, BLOCK).expect("cache");
+    let batch = decode_batch(&ctxs, BLOCK, &shuffled_block_ids(blocks));
+    one.randomize_attention_inputs(&batch, &cache, 11)
+        .expect("inputs");
+    let default_decode = one.decode_kernel();
+    let attention_full = one.time_attention(&batch, &cache, 20).expect("attention");
+    let row_counts: &[usize] = if quick { &[1024] } else { &[512, 1024, 2048] };
+    let mut out = Vec::new();
+    for &rows in row_counts {
+        let x = random_bf16(&stream, rows * 14336, 5);
+        let y = stream.alloc_zeros::<u16>(rows * 28672).expect("alloc");
+        let (xp, yp) = (ptr(&x), ptr(&y));
+        let wps: Vec<u64> = weights.iter().map(&ptr).collect();
+        let layer_gemms = |g: &model::cuda::Gemm, times: usize| {
+            for _ in 0..times {
+                for (&(k, n), &wp) in layer.iter().zip(&wps) {
+                    g.bf16(yp, xp, wp, rows, k, n, false)?;
+                }
+            }
+            Ok(())
+        };
+        one.time(2, |m| layer_gemms(m.gemm(), 1)).expect("gemm");
+        let gemm_full = one.time(5, |m| layer_gemms(m.gemm(), 1)).expect("gemm");
+        // Layers of GEMMs and attentions of about equal time on the whole GPU.
+        // `--sustain`: 50 times as long (about half a second a timing), for clock sampling.
+        let scale = if std::env::args().any(|a| a == "--sustain") {
+            50
+        } else {
+            1
+        };
+        let attention_reps = ((gemm_full * 8.0 / attention_full).round() as usize).max(1) * scale;
+        let gemm_reps = 8 * scale;
+        if scale > 1 {
+            // The whole GPU's phases for as long, for the clock and power samples.
+            phase(&format!("whole-gpu-gemm rows={rows}"));
+            one.time(gemm_reps, |m| layer_gemms(m.gemm(), 1))
+                .expect("gemm");
+            phase(&format!("whole-gpu-attention rows={rows}"));
+            one.time_attention(&batch, &cache, attention_reps)
+                .expect("attention");
+            phase("end");
+        }
+        let sequential = gemm_full * gemm_reps as f64 + attention_full * attention_reps as f64;
+        one.set_decode_kernel(DecodeKernel::Stream(StreamVariant::DEFAULT))
+            .expect("stream kernel");
+        for memory_sms in [16, 24, 32, 40] {
+            one.set_executor(StepExecutor::Overlapped {
+                memory_sms,
+                split: SmSplit::GemmTarget,
+            })
+            .expect("lanes");
+            one.set_stream_decode_ctas(Some(memory_sms));
+            for kind in [LaneGemm::Cublas, LaneGemm::Persistent] {
+                one.set_lane_gemm(kind).expect("lane GEMM");
+                let mut time = |attention: usize, gemms: usize| {
+                    one.time_lanes_together(&batch, &cache, attention, |g| layer_gemms(g, gemms))
+                        .expect("lanes")
+                };
+                time(attention_reps, gemm_reps);
+                let at =
+                    |what: &str| phase(&format!("{what} rows={rows} memory {memory_sms} {kind:?}"));
+                at("gemm");
+                let gemm_alone = time(0, gemm_reps).1;
+                at("attention");
+                let attention_alone = time(attention_reps, 0).0;
+                at("together");
+                let (attention_beside, gemm_beside) = time(attention_reps, gemm_reps);
+                phase("end");
+                let both = attention_beside.max(gemm_beside);
+                eprintln!(
+                    "pair rows={rows} memory {memory_sms} SMs, {kind:?}: GEMMs {:.2} ms \
+                     ({:.2} of linear; {:.2} ms beside attention), attention {:.2} ms ({:.2} of \
+                     the whole GPU's; {:.2} ms beside the GEMMs), together {:.2} ms; back to \
+                     back on the whole GPU {:.2} ms: gain {:.2}x (ideal {:.2}x)",
+                    gemm_alone * 1e3,
+                    gemm_full * gemm_reps as f64 * sms as f64
+                        / (sms - memory_sms) as f64
+                        / gemm_alone,
+                    gemm_beside * 1e3,
+                    attention_alone * 1e3,
+                    attention_full * attention_reps as f64 / attention_alone,
+                    attention_beside * 1e3,
+                    both * 1e3,
+                    sequential * 1e3,
+                    sequential / both,
+                    sequential
+                        / (gemm_full * gemm_reps as f64)
+                            .max(attention_full * attention_reps as f64),
+                );
+                out.push(json!({
+                    "rows": rows, "memory_sms": memory_sms, "lane_gemm": format!("{kind:?}"),
+                    "gemm_full_secs": gemm_full * gemm_reps as f64,
+                    "attention_full_secs": attention_full * attention_reps as f64,
+                    "gemm_lane_secs": gemm_alone, "attention_lane_secs": attention_alone,
+                    "gemm_beside_secs": gemm_beside, "attention_beside_secs": attention_beside,
+                    "together_secs": both, "gain": sequential / both,
+                }));
+            }
+        }
+        one.set_executor(StepExecutor::Sequential)
+            .expect("sequential");
+        one.set_stream_decode_ctas(None);
+        one.set_decode_kernel(default_decode).expect("kernel");
+    }
+    out
+}

@@ -1,0 +1,239 @@
+//! The persistent wgmma GEMM (`kernels/gemm_persistent.cu`): a bf16 GEMM for Hopper that runs
+//! as exactly `ctas` blocks, one an SM, so that the compute lane of the overlapped executor
+//! keeps to the SMs the memory lane leaves. Its tile widths, their shared memory, the choice of
+//! width per shape, the TMA descriptors of its operands and its launch.
+
+use super::*;
+
+/// The k-block the ring holds (64 bf16: one 128-byte swizzled row).
+const TILE_K: usize = 64;
+
+/// A compiled tile: rows (64 a consumer warpgroup), columns, stages of the shared-memory ring,
+/// and its time per FLOP against the 128 x 256 tile's, in percent (from `gemm_lane_bench`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PersistentTile {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) stages: usize,
+    pub(super) cost_percent: usize,
+}
+
+/// The compiled tiles, largest first (`gemm_persistent_m{rows}_n{cols}`).
+pub(super) const PERSISTENT_TILES: [PersistentTile; 3] = [
+    PersistentTile {
+        rows: 128,
+        cols: 256,
+        stages: 4,
+        cost_percent: 100,
+    },
+    PersistentTile {
+        rows: 128,
+        cols: 128,
+        stages: 6,
+        cost_percent: 110,
+    },
+    PersistentTile {
+        rows: 64,
+        cols: 256,
+        stages: 5,
+        cost_percent: 120,
+    },
+];
+
+impl PersistentTile {
+    pub(super) fn function_name(self) -> String {
+        format!("gemm_persistent_m{}_n{}", self.rows, self.cols)
+    }
+
+    /// The producer warpgroup and a consumer warpgroup for each 64 rows.
+    pub(super) fn threads(self) -> usize {
+        128 * (1 + self.rows / 64)
+    }
+
+    /// 1 KiB to align the ring, the ring (x and w boxes a stage), two mbarriers and a tile
+    /// index a stage.
+    pub(super) fn smem_bytes(self) -> usize {
+        1024 + self.stages * (self.rows + self.cols) * TILE_K * 2 + 20 * self.stages
+    }
+
+    /// Tiles of an `m x n` output.
+    fn tiles(self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.rows) * n.div_ceil(self.cols)
+    }
+}
+
+/// The tile for an `m x n` output on `ctas` blocks: the least time, counted as waves of tiles
+/// times a tile's FLOPs times its cost per FLOP; the larger tile on a tie.
+pub(super) fn pick_tile(m: usize, n: usize, ctas: usize) -> PersistentTile {
+    let cost =
+        |t: PersistentTile| t.tiles(m, n).div_ceil(ctas.max(1)) * t.rows * t.cols * t.cost_percent;
+    PERSISTENT_TILES
+        .into_iter()
+        .min_by_key(|&t| cost(t))
+        .expect("tiles compiled")
+}
+
+/// Whether the persistent kernel takes `x [m, k] · w [n, k]ᵀ`: TMA needs 16-byte row strides,
+/// the epilogue whole bf16 pairs.
+pub(super) fn persistent_shape_ok(k: usize, n: usize) -> bool {
+    k.is_multiple_of(8) && n.is_multiple_of(2) && k > 0 && n > 0
+}
+
+/// The persistent GEMM's kernels, one a tile.
+#[derive(Clone)]
+pub(super) struct PersistentGemm {
+    pub(super) functions: Vec<(PersistentTile, CudaFunction)>,
+}
+
+impl PersistentGemm {
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (bf16, device addresses) on `stream` as (at most)
+    /// `ctas` blocks; `counters`: two zeroed u32 words that only launches on `stream` use.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch(
+        &self,
+        stream: CUstream,
+        ctas: usize,
+        counters: u64,
+        out: u64,
+        x: u64,
+        w: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let tile = pick_tile(m, n, ctas);
+        let f = &self
+            .functions
+            .iter()
+            .find(|(t, _)| *t == tile)
+            .expect("every tile compiled")
+            .1;
+        let x_map = matrix_tensor_map(x, m, k, tile.rows)?;
+        let w_map = matrix_tensor_map(w, n, k, tile.cols)?;
+        let tiles = tile.tiles(m, n);
+        let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+        let (mut out_slot, mut counters_slot) = (out, counters);
+        let mut params: [*mut std::ffi::c_void; 7] = [
+            &mut out_slot as *mut u64 as *mut _,
+            &x_map as *const CUtensorMap as *mut _,
+            &w_map as *const CUtensorMap as *mut _,
+            &mut counters_slot as *mut u64 as *mut _,
+            &m32 as *const i32 as *mut _,
+            &n32 as *const i32 as *mut _,
+            &k32 as *const i32 as *mut _,
+        ];
+        // SAFETY: the parameters match `gemm_persistent_n*`'s signature; the driver copies them
+        // before the call returns.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (tiles.min(ctas).max(1) as u32, 1, 1),
+                (tile.threads() as u32, 1, 1),
+                tile.smem_bytes() as u32,
+                stream,
+                &mut params,
+            )
+        }
+        .map_err(|e| cuda_err(&format!("persistent GEMM {m}x{k}x{n}"), e))
+    }
+}
+
+/// The persistent GEMM's kernels from `module` (compiled for `sm_90a`), allowed their shared
+/// memory.
+pub(super) fn persistent_gemm_functions(
+    module: &Arc<CudaModule>,
+) -> Result<Vec<(PersistentTile, CudaFunction)>, ModelError> {
+    PERSISTENT_TILES
+        .into_iter()
+        .map(|tile| {
+            let name = tile.function_name();
+            let func = module
+                .load_function(&name)
+                .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                tile.smem_bytes() as i32,
+            )
+            .map_err(|e| cuda_err("persistent GEMM shared memory", e))?;
+            Ok((tile, func))
+        })
+        .collect()
+}
+
+/// The TMA descriptor of a row-major bf16 matrix `[rows, cols]` at `ptr`, read in boxes of 64
+/// columns x `box_rows` rows, 128-byte swizzled (wgmma's K-major layout); out-of-range parts
+/// read as 0.
+fn matrix_tensor_map(
+    ptr: u64,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+) -> Result<CUtensorMap, ModelError> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let dims = [cols as u64, rows as u64];
+    let strides_bytes = [2 * cols as u64];
+    let boxes = [TILE_K as u32, box_rows as u32];
+    let element_strides = [1u32; 2];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the driver only writes the map.
+    let result = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides_bytes.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if result != CUresult::CUDA_SUCCESS {
+        return Err(cuda_err(
+            &format!("TMA descriptor of a {rows} x {cols} GEMM operand"),
+            result,
+        ));
+    }
+    // SAFETY: encoded successfully above.
+    Ok(unsafe { map.assume_init() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_in_shared_memory() {
+        for t in PERSISTENT_TILES {
+            assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
+        }
+    }
+
+    #[test]
+    fn the_tile_follows_the_waves() {
+        let pick = |m, n, ctas| {
+            let t = pick_tile(m, n, ctas);
+            (t.rows, t.cols)
+        };
+        // Many waves of any tile: the largest.
+        assert_eq!(pick(4096, 28672, 100), (128, 256));
+        // 8 x 16 = 128 tiles of 128 x 256 on 100 blocks: 2 waves (2 x 32768 x 100); 8 x 32 of
+        // 128 x 128: 3 waves (3 x 16384 x 110); 16 x 16 of 64 x 256: 3 waves (3 x 16384 x 120).
+        assert_eq!(pick(1024, 4096, 100), (128, 128));
+        // 4 x 16 = 64 tiles of 128 x 256 on 100 blocks: 1 wave (32768 x 100); 7 x 16 = 112 of
+        // 64 x 256: 2 waves (2 x 16384 x 120).
+        assert_eq!(pick(416, 4096, 100), (128, 256));
+        // 320 rows: 3 x 112 tiles of 128 x 256 (4 waves, 32768 x 400), 3 x 224 of 128 x 128
+        // (7 waves, 16384 x 770), 5 x 112 of 64 x 256 (6 waves, 16384 x 720).
+        assert_eq!(pick(320, 28672, 100), (64, 256));
+        assert!(persistent_shape_ok(4096, 14336));
+        assert!(!persistent_shape_ok(4100, 14336));
+    }
+}

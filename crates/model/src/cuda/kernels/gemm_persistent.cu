@@ -1,0 +1,184 @@
+// ---------------------------------------------------------------------------------------------
+// Persistent bf16 GEMM for Hopper (sm_90a) that takes its CTA count: out[M, N] = x[M, K] · w[N, K]^T,
+// all row-major (a Hugging Face linear layer), f32 accumulation, bf16 out. The compute lane of
+// the overlapped executor runs it on the SMs the memory lane leaves (cuBLAS with an SM-count
+// target scaled 1.3x worse than linear beside the decode lane, NOTES.md section 13).
+//
+// Grid: `ctas` blocks, one an SM, taking tiles of BM = 64 x CONSUMERS rows x BN columns from a
+// global counter (rows fastest, so blocks running together share each weight tile through L2).
+// Warp-specialised as CUTLASS's "cooperative" kernel:
+//   warpgroup 0, one thread: the producer. For every k-block of 64 it waits for the stage to be
+//     empty, then loads the x box (64 k x BM rows) and the w box (64 k x BN rows) by TMA into a
+//     STAGES-deep ring (128-byte swizzled, the K-major layout wgmma reads), completing on the
+//     stage's `full` mbarrier;
+//   warpgroups 1 (and 2): the consumers, 64 rows of the tile each. Per k-block: wait `full`,
+//     4 x wgmma m64nBNk16 with both operands from shared memory, commit, wait for the previous
+//     k-block's MMAs and hand its stage back (one arrival a warp on `empty`). Then the epilogue
+//     stores the accumulators as bf16 while the producer already fills the next tile's stages.
+// Registers: setmaxnreg moves them from the producer (40) to the consumers (232).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ void wgmma_m64n256k16_ss_acc(float* d, unsigned long long desc_a,
+                                                           unsigned long long desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, u32 bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
+        "[%1, {%3, %4}], [%2];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1)
+        : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_wait_one() {
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
+
+template <int BN>
+__device__ __forceinline__ void gemm_wgmma_k16(float* acc, unsigned long long da,
+                                               unsigned long long db, int accumulate) {
+    if constexpr (BN == 256) {
+        wgmma_m64n256k16_ss_acc(acc, da, db, accumulate);
+    } else {
+        wgmma_m64n128k16_ss(acc, da, db, accumulate);
+    }
+}
+
+template <int CONSUMERS, int BN, int STAGES>
+__device__ void gemm_persistent_impl(bf16_t* __restrict__ out, const TensorMap* x_map,
+                                     const TensorMap* w_map, unsigned int* counters, int M, int N,
+                                     int K) {
+    constexpr int BM = 64 * CONSUMERS, BK = 64;
+    constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+    constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 ring = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const u32 full = ring + STAGES * STAGE_BYTES;  // STAGES mbarriers, then STAGES more
+    const u32 empty = full + 8 * STAGES;
+    // The tile whose first k-block a stage holds (written by the producer before it arms the
+    // stage's `full` barrier; `tiles` says there are no more).
+    int* stage_tile = reinterpret_cast<int*>(smem_raw + (empty + 8 * STAGES - smem_addr(smem_raw)));
+    const int wg = threadIdx.x >> 7;
+    const int m_blocks = (M + BM - 1) / BM, n_blocks = (N + BN - 1) / BN;
+    const int tiles = m_blocks * n_blocks, k_blocks = (K + BK - 1) / BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 4 * CONSUMERS);  // lane 0 of each consumer warp
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x != 0) return;
+        // Tiles come from a counter (rows fastest) as blocks ask, not by block index: a block
+        // that starts late (its SM busy with the memory lane's kernel) takes fewer.
+        int it = 0;
+        for (;;) {
+            const int tile = (int)atomicAdd(&counters[0], 1u);
+            const int s = it % STAGES;
+            const u32 phase = (u32)(it / STAGES) & 1u;
+            // A fresh barrier's "previous" phase counts as complete: the first pass through
+            // the ring does not wait.
+            mbar_wait(empty + 8 * s, phase ^ 1u);
+            if (tile >= tiles) {
+                stage_tile[s] = tiles;
+                mbar_arrive(full + 8 * s);
+                // The last block out resets the counters for the next launch on the stream.
+                if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+                    counters[0] = 0;
+                    counters[1] = 0;
+                }
+                return;
+            }
+            const int mb = tile % m_blocks, nb = tile / m_blocks;
+            for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+                const int s = it % STAGES;
+                if (kb > 0) mbar_wait(empty + 8 * s, ((u32)(it / STAGES) & 1u) ^ 1u);
+                if (kb == 0) stage_tile[s] = tile;
+                mbar_arrive_expect_tx(full + 8 * s, STAGE_BYTES);
+                const u32 dst = ring + s * STAGE_BYTES;
+                tma_load_2d(dst, x_map, full + 8 * s, kb * BK, mb * BM);
+                tma_load_2d(dst + A_BYTES, w_map, full + 8 * s, kb * BK, nb * BN);
+            }
+        }
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    float acc[BN / 2];
+    int it = 0;
+    for (;;) {
+        const int s0 = it % STAGES;
+        mbar_wait(full + 8 * s0, (u32)(it / STAGES) & 1u);
+        const int tile = stage_tile[s0];
+        if (tile >= tiles) break;
+        const int mb = tile % m_blocks, nb = tile / m_blocks;
+        for (int kb = 0; kb < k_blocks; ++kb, ++it) {
+            const int s = it % STAGES;
+            if (kb > 0) mbar_wait(full + 8 * s, (u32)(it / STAGES) & 1u);
+            const u32 a = ring + s * STAGE_BYTES + cw * 64 * 128;
+            const u32 b = ring + s * STAGE_BYTES + A_BYTES;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                gemm_wgmma_k16<BN>(acc, wgmma_desc(a + kk * 32, 16, 1024),
+                                   wgmma_desc(b + kk * 32, 16, 1024), kb > 0 || kk > 0);
+            }
+            wgmma_commit();
+            // The previous k-block's MMAs are done: its stage goes back to the producer.
+            wgmma_wait_one();
+            if (kb > 0 && lane == 0) mbar_arrive(empty + 8 * ((it - 1) % STAGES));
+        }
+        wgmma_wait_all();
+        if (lane == 0) mbar_arrive(empty + 8 * ((it - 1) % STAGES));
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) reg_fence(acc[i]);
+        // Accumulator layout (as mma.m16n8's C per 8 columns): rows 16 warp + g and + 8,
+        // columns 8 i + 2 t and + 1.
+        const int r_lo = mb * BM + cw * 64 + warp * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            const int col = nb * BN + 8 * i + 2 * t;
+            if (col < N) {
+                if (r_lo < M) {
+                    *(u32*)(out + (size_t)r_lo * N + col) = pack_bf2(acc[4 * i], acc[4 * i + 1]);
+                }
+                if (r_hi < M) {
+                    *(u32*)(out + (size_t)r_hi * N + col) =
+                            pack_bf2(acc[4 * i + 2], acc[4 * i + 3]);
+                }
+            }
+        }
+    }
+}
+
+// gemm_persistent_m{64 CONSUMERS}_n{BN}: grid (ctas), 128 (1 + CONSUMERS) threads, dynamic
+// shared memory `PersistentTile::smem_bytes` (gemm_persistent.rs); x_map / w_map: 2-d TMA
+// descriptors of x [M, K] and w [N, K] with boxes of 64 x 64 CONSUMERS and 64 x BN, 128-byte
+// swizzled; `counters`: two zeroed words only this stream's launches use (left zeroed).
+#define GEMM_PERSISTENT_KERNEL(NAME, CONSUMERS, BN, STAGES)                                     \
+    extern "C" __global__ void __launch_bounds__(128 * (1 + CONSUMERS), 1) NAME(               \
+            bf16_t* out, const __grid_constant__ TensorMap x_map,                              \
+            const __grid_constant__ TensorMap w_map, unsigned int* counters, int M, int N,     \
+            int K) {                                                                           \
+        gemm_persistent_impl<CONSUMERS, BN, STAGES>(out, &x_map, &w_map, counters, M, N, K);   \
+    }
+
+GEMM_PERSISTENT_KERNEL(gemm_persistent_m128_n256, 2, 256, 4)
+GEMM_PERSISTENT_KERNEL(gemm_persistent_m128_n128, 2, 128, 6)
+GEMM_PERSISTENT_KERNEL(gemm_persistent_m64_n256, 1, 256, 5)
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
