@@ -9,6 +9,7 @@
 //! cargo run --release -p experiments -- optimal
 //! cargo run --release -p experiments -- ablation
 //! cargo run --release -p experiments -- paper
+//! cargo run --release -p experiments -- power
 //! cargo run --release -p experiments -- all
 //! cargo run --release -p experiments -- gpu
 //! ```
@@ -16,6 +17,7 @@
 mod gpu;
 mod paper;
 mod plot;
+mod power;
 mod ranks;
 
 use std::path::{Path, PathBuf};
@@ -87,6 +89,13 @@ enum Figure {
         /// Requests per trace (enough that the longest request's latency does not set a
         /// rank's time: at 40,000 it did).
         #[arg(long, default_value_t = 200_000)]
+        requests: usize,
+    },
+    /// Overlap under the H200's power limit: traces #1-#4, DFS and BlendServe, sequential and
+    /// overlapped, with the `h200` preset's measured power model and without it.
+    Power {
+        /// Requests per trace.
+        #[arg(long, default_value_t = 20_000)]
         requests: usize,
     },
     /// Every simulator figure above.
@@ -512,6 +521,7 @@ fn main() -> Result<()> {
             grid_requests,
         } => return paper::paper(&lab, trace_requests, grid_requests),
         Figure::Ranks { requests } => return ranks::ranks(&lab, requests),
+        Figure::Power { requests } => return power::power(&lab, requests),
         Figure::Gpu => unreachable!("drawn above"),
     };
     for figure in run {

@@ -419,8 +419,13 @@ pub fn run_inspect(args: &InspectArgs) -> Result<()> {
         100.0 * densities.iter().filter(|&&d| d < 1.0).count() as f64 / densities.len() as f64
     );
     let b = simulation.bound();
+    let power = if b.power_secs > 0.0 {
+        format!(", energy at the power limit {:.1}s", b.power_secs)
+    } else {
+        String::new()
+    };
     println!(
-        "optimal bound {:.1}s (compute {:.1}s, memory {:.1}s, {} steps)",
+        "optimal bound {:.1}s (compute {:.1}s, memory {:.1}s{power}, {} steps)",
         b.secs, b.compute_secs, b.memory_secs, b.min_steps
     );
     Ok(())

@@ -15,6 +15,8 @@ pub struct OptimalBound {
     pub cost: StepCost,
     pub compute_secs: f64,
     pub memory_secs: f64,
+    /// All the work's energy at the power limit (0 without a power model).
+    pub power_secs: f64,
     /// The bound itself.
     pub secs: f64,
 }
@@ -68,6 +70,7 @@ pub fn optimal_bound(
         cost,
         compute_secs: t.compute_secs,
         memory_secs: t.memory_secs,
+        power_secs: t.power_secs,
         secs: t.secs,
     }
 }

@@ -142,9 +142,44 @@ pub struct HardwareConfig {
     /// (an engine's own attention kernels; calibrated from a device benchmark).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_efficiency: Option<f64>,
+    /// The board's power limit and what work costs in energy, where measured: an overlapped
+    /// step cannot run faster than its energy at the power limit allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<PowerModel>,
+}
+
+/// Energy per unit of work and the power a GPU may draw (linear: power = idle + the work's
+/// energy over time). Measured with `experiments/gpu/power_probe.py` (NOTES.md section 13).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerModel {
+    /// The board's power limit, watts.
+    pub cap_watts: f64,
+    /// Power with nothing running, watts.
+    pub idle_watts: f64,
+    /// Energy above idle per FLOP of tensor-core arithmetic, picojoules.
+    pub picojoules_per_flop: f64,
+    /// Energy above idle per byte of device-memory traffic, picojoules.
+    pub picojoules_per_byte: f64,
+}
+
+impl PowerModel {
+    /// Seconds `flops` and `bytes` take at least on one GPU: their energy over the power the
+    /// limit leaves above idle.
+    pub fn floor_secs(&self, flops: f64, bytes: f64) -> f64 {
+        let joules = (flops * self.picojoules_per_flop + bytes * self.picojoules_per_byte) * 1e-12;
+        joules / (self.cap_watts - self.idle_watts)
+    }
 }
 
 impl HardwareConfig {
+    /// Seconds `flops` and `bytes` take at least under the power limit (0 without a power
+    /// model); a replica of several GPUs has as many power budgets.
+    pub fn power_floor_secs(&self, flops: f64, bytes: f64) -> f64 {
+        self.power
+            .map_or(0.0, |p| p.floor_secs(flops, bytes) / f64::from(self.gpus))
+    }
+
     pub fn effective_flops(&self) -> f64 {
         self.peak_flops * self.compute_efficiency * f64::from(self.gpus)
     }
@@ -175,11 +210,24 @@ impl HardwareConfig {
             gpus: 1,
             step_overhead_secs: 0.0,
             attention_efficiency: None,
+            power: None,
         };
         Some(match name {
             // 798 TFLOP/s and 3.0 TB/s measured on the lent H100 (see DEVELOPERS.md).
             "h100" => h(name, 989e12, 3.35e12, 80, 0.8),
-            "h200" => h(name, 989e12, 4.8e12, 141, 0.8),
+            // Power measured on the lent H200 (NOTES.md section 13): idle 120 W; a streaming
+            // read at 4.2-4.45 TB/s 455-514 W above it (109-116 pJ a byte); a sustained cuBLAS
+            // GEMM (1024 x 4096 x 14336) held at the 700 W limit at 643 TFLOP/s: 566 W above
+            // idle, of which its 0.83 TB/s of traffic takes ~94 W, so 0.73 pJ a FLOP.
+            "h200" => HardwareConfig {
+                power: Some(PowerModel {
+                    cap_watts: 700.0,
+                    idle_watts: 120.0,
+                    picojoules_per_flop: 0.73,
+                    picojoules_per_byte: 113.0,
+                }),
+                ..h(name, 989e12, 4.8e12, 141, 0.8)
+            },
             "a100-80g" => h(name, 312e12, 2.039e12, 80, 0.8),
             _ => return None,
         })
@@ -220,6 +268,59 @@ pub struct HardwareOverride {
     pub gpus: Option<u32>,
     pub step_overhead_secs: Option<f64>,
     pub attention_efficiency: Option<f64>,
+    /// The power model's fields, each over the preset's (all four needed where the preset has
+    /// none).
+    pub power_cap_watts: Option<f64>,
+    pub power_idle_watts: Option<f64>,
+    pub picojoules_per_flop: Option<f64>,
+    pub picojoules_per_byte: Option<f64>,
+}
+
+impl HardwareOverride {
+    /// The power model from `base` with this file's fields over it; `None` where neither has
+    /// one, an error where the file gives some fields and there is nothing to complete them.
+    fn power(&self, base: Option<PowerModel>) -> Result<Option<PowerModel>, SchedulerError> {
+        let fields = [
+            self.power_cap_watts,
+            self.power_idle_watts,
+            self.picojoules_per_flop,
+            self.picojoules_per_byte,
+        ];
+        let p = match (base, fields) {
+            (None, [None, None, None, None]) => return Ok(None),
+            (None, [Some(cap), Some(idle), Some(flop), Some(byte)]) => PowerModel {
+                cap_watts: cap,
+                idle_watts: idle,
+                picojoules_per_flop: flop,
+                picojoules_per_byte: byte,
+            },
+            (None, _) => {
+                return Err(SchedulerError::Config(
+                    "hardware: a power model needs all of power_cap_watts, power_idle_watts, \
+                     picojoules_per_flop and picojoules_per_byte (the preset has none)"
+                        .into(),
+                ))
+            }
+            (Some(b), [cap, idle, flop, byte]) => PowerModel {
+                cap_watts: cap.unwrap_or(b.cap_watts),
+                idle_watts: idle.unwrap_or(b.idle_watts),
+                picojoules_per_flop: flop.unwrap_or(b.picojoules_per_flop),
+                picojoules_per_byte: byte.unwrap_or(b.picojoules_per_byte),
+            },
+        };
+        if !(p.idle_watts >= 0.0
+            && p.cap_watts > p.idle_watts
+            && p.picojoules_per_flop > 0.0
+            && p.picojoules_per_byte > 0.0)
+        {
+            return Err(SchedulerError::Config(format!(
+                "hardware: power_cap_watts {} must exceed power_idle_watts {} (>= 0), and the \
+                 picojoules per FLOP and per byte be positive",
+                p.cap_watts, p.idle_watts
+            )));
+        }
+        Ok(Some(p))
+    }
 }
 
 /// A TOML file that overrides presets: `[model]` and `[hardware]` tables, every key optional.
@@ -332,6 +433,7 @@ impl OverrideFile {
         if let Some(e) = o.attention_efficiency {
             h.attention_efficiency = Some(e);
         }
+        h.power = o.power(h.power)?;
         let positive =
             h.peak_flops > 0.0 && h.memory_bytes_per_sec > 0.0 && h.memory_bytes > 0 && h.gpus > 0;
         let fractions = (0.0..=1.0).contains(&h.compute_efficiency)
@@ -381,6 +483,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("efficiencies"));
+        // Power: fields over the preset's; all four where the preset has none; cap above idle.
+        let h200 = OverrideFile::parse("[hardware]\npower_cap_watts = 600\n")
+            .unwrap()
+            .hardware("h200")
+            .unwrap();
+        let power = h200.power.unwrap();
+        assert_eq!(power.cap_watts, 600.0);
+        assert_eq!(power.idle_watts, 120.0);
+        let partial = OverrideFile::parse("[hardware]\npower_cap_watts = 400\n").unwrap();
+        let err = partial.hardware("a100-80g").unwrap_err().to_string();
+        assert!(err.contains("picojoules_per_byte"), "{err}");
+        let low = OverrideFile::parse("[hardware]\npower_cap_watts = 100\n").unwrap();
+        let err = low.hardware("h200").unwrap_err().to_string();
+        assert!(err.contains("power_cap_watts 100"), "{err}");
         let unknown = OverrideFile::default()
             .model("gpt-9")
             .unwrap_err()
