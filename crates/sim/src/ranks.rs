@@ -29,8 +29,9 @@ pub struct RanksReport {
 }
 
 /// Rebalancing passes after the first cut (BlendServe's sharding): each gives every rank a share
-/// of the demand scaled by the ranks' mean time over its own, and the fastest cut is kept.
-pub const REBALANCE_PASSES: usize = 2;
+/// of the demand scaled by the ranks' mean time over its own; of the cuts within 0.5% of the
+/// fastest, the most even is kept (`keep_cut`).
+pub const REBALANCE_PASSES: usize = 6;
 
 /// One line of a ranks table or CSV (`sim --ranks`, the experiments' figure).
 #[derive(Clone, Debug, Serialize)]
@@ -103,6 +104,41 @@ pub fn sub_workload(w: &Workload, ids: &[prefix_tree::RequestIndex]) -> Workload
     }
 }
 
+/// The slowest rank's makespan.
+fn slowest(ranks: &[SimReport]) -> f64 {
+    ranks.iter().map(|r| r.makespan_secs).fold(0.0, f64::max)
+}
+
+/// Largest |rank makespan / mean - 1|.
+fn spread(ranks: &[SimReport]) -> f64 {
+    let mean = ranks.iter().map(|r| r.makespan_secs).sum::<f64>() / ranks.len().max(1) as f64;
+    ranks
+        .iter()
+        .map(|r| (r.makespan_secs / mean - 1.0).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Of the passes' cuts, the most even among those whose slowest rank is within
+/// [`KEEP_WITHIN`] of the fastest cut's: a rank that finishes early costs nothing, but a cut as
+/// fast and more even is the better plan.
+fn keep_cut(cuts: Vec<Vec<SimReport>>) -> Vec<SimReport> {
+    let best = cuts
+        .iter()
+        .map(|c| slowest(c))
+        .fold(f64::INFINITY, f64::min);
+    cuts.into_iter()
+        .filter(|c| slowest(c) <= best * (1.0 + KEEP_WITHIN))
+        .min_by(|a, b| spread(a).total_cmp(&spread(b)))
+        .unwrap_or_default()
+}
+
+/// How far a pass moves a rank's share towards what its time says (1: all the way): at 8 ranks a
+/// full step made two ranks trade a heavy segment back and forth (+-6%).
+const REBALANCE_DAMPING: f64 = 0.5;
+
+/// How much slower than the fastest cut a more even one may be and still be kept.
+const KEEP_WITHIN: f64 = 0.005;
+
 /// Prompt tokens a report served from the prefix cache.
 fn hit_tokens(r: &SimReport) -> f64 {
     r.prefix_hit_ratio * r.prompt_tokens as f64
@@ -124,7 +160,7 @@ pub fn simulate_ranks(
         _ => 1,
     };
     let mut shares = vec![1.0; ranks.max(1)];
-    let mut per_rank: Vec<SimReport> = Vec::new();
+    let mut cuts: Vec<Vec<SimReport>> = Vec::new();
     for _ in 0..passes {
         let shards = shard_weighted(single.preparation(), &shares, sharding);
         let mut these = Vec::with_capacity(shards.len());
@@ -139,20 +175,20 @@ pub fn simulate_ranks(
         if these.len() == shares.len() {
             let mean = these.iter().map(|r| r.makespan_secs).sum::<f64>() / these.len() as f64;
             for (s, r) in shares.iter_mut().zip(&these) {
-                *s *= mean / r.makespan_secs.max(1e-12);
+                *s *= (mean / r.makespan_secs.max(1e-12)).powf(REBALANCE_DAMPING);
             }
         }
-        let slowest = |rs: &[SimReport]| rs.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
-        if per_rank.is_empty() || slowest(&these) < slowest(&per_rank) {
-            per_rank = these;
-        }
+        tracing::debug!(
+            "ranks pass: slowest {:.1} s, spread {:.3}, times {:?}",
+            slowest(&these),
+            spread(&these),
+            these.iter().map(|r| r.makespan_secs).collect::<Vec<_>>()
+        );
+        cuts.push(these);
     }
-    let makespan_secs = per_rank.iter().map(|r| r.makespan_secs).fold(0.0, f64::max);
-    let mean = per_rank.iter().map(|r| r.makespan_secs).sum::<f64>() / per_rank.len().max(1) as f64;
-    let spread = per_rank
-        .iter()
-        .map(|r| (r.makespan_secs / mean - 1.0).abs())
-        .fold(0.0, f64::max);
+    let per_rank = keep_cut(cuts);
+    let makespan_secs = slowest(&per_rank);
+    let spread = spread(&per_rank);
     let single_hits = hit_tokens(single_report);
     let hits: f64 = per_rank.iter().map(hit_tokens).sum();
     Ok(RanksReport {
