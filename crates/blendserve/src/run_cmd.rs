@@ -107,6 +107,12 @@ pub struct RunArgs {
     /// slower than sequential so far (experiments/NOTES.md).
     #[arg(long, default_value = "sequential")]
     pub step_executor: String,
+    /// Make every answer independent of the batch it ran in (CUDA, compute capability 9.0):
+    /// the same tokens whatever the policy, step size, ranks or shards, at some speed (every
+    /// GEMM on one fixed-tile kernel instead of cuBLAS's best per shape, decode attention split
+    /// by fixed context lengths). What vLLM calls batch-invariant mode.
+    #[arg(long)]
+    pub batch_invariant: bool,
     /// Also simulate this very run (same workload, scheduler and KV size) with the performance
     /// model, and report its predicted time beside the measured one.
     #[arg(long)]
@@ -798,6 +804,9 @@ fn load_model(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result
             if !matches!(args.step_executor.as_str(), "sequential" | "auto") {
                 bail!("--step-executor {} needs --device cuda", args.step_executor);
             }
+            if args.batch_invariant {
+                bail!("--batch-invariant needs --device cuda");
+            }
             // config.json is already read (`config`); only the weights are left to load.
             let store = model::WeightStore::open(dir)?;
             let m = model::LlamaModel::<model::CpuBackend>::from_store(
@@ -822,6 +831,9 @@ fn load_cuda(args: &RunArgs, dir: &Path, config: &model::ModelConfig) -> Result<
         model::cuda::CudaLlama::from_store(config.clone(), &store, 0)
             .with_context(|| format!("loading {}", dir.display()))?
     };
+    if args.batch_invariant {
+        m.set_batch_invariant(true).context("--batch-invariant")?;
+    }
     // (auto: sequential until the profile in `choose_step_executor` picks one.)
     if args.step_executor != "auto" {
         let executor: model::cuda::StepExecutor = args

@@ -485,3 +485,23 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         );
     }
 }
+
+/// Batch invariance is a property of the CUDA path's kernels: asked for on the CPU, the run
+/// stops before writing anything and says which flag needs what.
+#[test]
+fn batch_invariance_needs_the_gpu_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.jsonl");
+    let out = blendserve()
+        .args(["run", "--batch-invariant", "--output"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--batch-invariant needs --device cuda"),
+        "{stderr}"
+    );
+    assert!(!out_path.exists() || std::fs::read_to_string(&out_path).unwrap().is_empty());
+}

@@ -6,6 +6,7 @@
 //! ```text
 //! cargo build --release -p model --example gemm_lane_bench --features cuda
 //! ./target/release/examples/gemm_lane_bench [--quick] [--pairs-only] > gemm.json
+//! ./target/release/examples/gemm_lane_bench --invariance   # batch invariance, bit for bit
 //! ```
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -61,6 +62,10 @@ fn main() {
         (4096, 28672, "gate_up"),
         (14336, 4096, "down"),
     ];
+    if std::env::args().any(|a| a == "--invariance") {
+        invariance(&one);
+        return;
+    }
     let pairs = lane_pairs(&mut one, quick);
     if std::env::args().any(|a| a == "--pairs-only") {
         println!("{}", json!({"sms": sms, "pairs": pairs}));
@@ -286,4 +291,60 @@ fn lane_pairs(one: &mut CudaLlama, quick: bool) -> Vec<Value> {
         one.set_decode_kernel(default_decode).expect("kernel");
     }
     out
+}
+
+/// Batch invariance of the persistent GEMM, bit for bit: every tile gives the 128 x 128 tile's
+/// output, and the first rows of a large batch equal the same rows run alone (batch-invariant
+/// mode: tiles chosen per shape). Panics on the first difference.
+fn invariance(one: &CudaLlama) {
+    let stream = one.stream().clone();
+    let g = one.gemm();
+    let sms = one.sm_count();
+    if !g.set_batch_invariant(true) {
+        eprintln!("no persistent GEMM on this GPU");
+        return;
+    }
+    let ptr = |s: &CudaSlice<u16>| {
+        let (p, _guard) = s.device_ptr(&stream);
+        p
+    };
+    let tiles = [(128, 256), (128, 128), (64, 256), (64, 32)];
+    for (k, n, name) in [
+        (4096, 6144, "qkv"),
+        (4096, 4096, "o"),
+        (14336, 4096, "down"),
+    ] {
+        let w = random_bf16(&stream, n * k, 3);
+        let x = random_bf16(&stream, 600 * k, 4);
+        let run = |m: usize, tile: Option<(usize, usize)>| {
+            let y = stream.alloc_zeros::<u16>(m * n).expect("alloc");
+            assert!(g.set_persistent_tile(tile));
+            g.bf16(ptr(&y), ptr(&x), ptr(&w), m, k, n, false)
+                .expect("gemm");
+            g.set_persistent_tile(None);
+            stream.clone_dtoh(&y).expect("download")
+        };
+        let reference = run(600, Some((128, 128)));
+        for &tile in &tiles {
+            let got = run(600, Some(tile));
+            let diff = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
+            eprintln!(
+                "{name}: tile {tile:?} differs from 128 x 128 in {diff} of {}",
+                got.len()
+            );
+            assert_eq!(diff, 0, "{name}: tile {tile:?} is not bit-identical");
+        }
+        // Batches of 1, 3, 64, 200 rows against the first rows of 600, tiles chosen per shape
+        // on the whole GPU.
+        let whole = run(600, None);
+        assert_eq!(whole, reference, "{name}: the chosen tiles differ");
+        for m in [1, 3, 64, 200] {
+            let got = run(m, None);
+            let diff = got.iter().zip(&whole).filter(|(a, b)| a != b).count();
+            eprintln!("{name}: {m} rows alone vs within 600 ({sms} SMs): {diff} differ");
+            assert_eq!(diff, 0, "{name}: rows depend on the batch");
+        }
+    }
+    g.set_batch_invariant(false);
+    eprintln!("batch invariance: every check bit-identical");
 }

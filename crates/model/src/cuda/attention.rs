@@ -201,6 +201,32 @@ impl CudaLlama {
         self.forced_decode_blocks_per_sm = blocks_per_sm;
     }
 
+    /// Makes every sequence's tokens and logits independent of the batch it runs in, and so of
+    /// step sizes, ranks and shards: every GEMM on the persistent kernel (f32 logits included;
+    /// it never splits K, so every tile sums in one order), decode attention split every [`INVARIANT_DECODE_SPLIT_TOKENS`] context
+    /// tokens and never on the stream kernel. Needs compute capability 9.0 (the persistent
+    /// kernel); slower than the default (cuBLAS picks faster kernels per shape).
+    pub fn set_batch_invariant(&mut self, on: bool) -> Result<(), ModelError> {
+        if on && !self.gemm.set_batch_invariant(true) {
+            return Err(ModelError::Cuda(
+                "batch-invariant runs need the persistent GEMM (compute capability 9.0)".into(),
+            ));
+        }
+        self.gemm.set_batch_invariant(on);
+        self.batch_invariant = on;
+        if let Some(o) = &self.overlap {
+            for lane in &o.lanes {
+                lane.gemm.set_batch_invariant(on);
+            }
+        }
+        // Re-sizes the compute lane's GEMMs (the persistent kernel on its SMs when on).
+        self.set_lane_gemm(self.lane_gemm)
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
     /// Forces the overlapped executor's memory lane to decode with `kernel` (benchmarks; the
     /// stream kernel or the model's decode kernel), or (`None`) lets the executor choose.
     pub fn set_lane_decode_kernel(&mut self, kernel: Option<DecodeKernel>) {
@@ -223,6 +249,7 @@ impl CudaLlama {
         match self.forced_lane_decode {
             Some(k) => k,
             None if own_sms
+                && !self.batch_invariant
                 && c.head_dim == 128
                 && self
                     .kernels
@@ -239,7 +266,7 @@ impl CudaLlama {
     pub(super) fn memory_lane_slots(&self, sms: usize) -> DecodeSlots {
         let mut slots = self.decode_slots(sms);
         slots.stream = match self.lane_decode_kernel() {
-            DecodeKernel::Stream(v) => Some(v),
+            DecodeKernel::Stream(v) if !self.batch_invariant => Some(v),
             _ => None,
         };
         slots
@@ -252,11 +279,15 @@ impl CudaLlama {
             occupancies: self.decode_occupancies,
             forced_splits: self.forced_decode_splits,
             forced_blocks_per_sm: self.forced_decode_blocks_per_sm,
+            // The stream kernel cuts the batch's tokens into equal runs: not batch-invariant.
             stream: match self.decode_kernel {
-                DecodeKernel::Stream(v) => Some(v),
+                DecodeKernel::Stream(v) if !self.batch_invariant => Some(v),
                 _ => None,
             },
             forced_stream_ctas: self.forced_stream_ctas,
+            fixed_split_tokens: self
+                .batch_invariant
+                .then_some(INVARIANT_DECODE_SPLIT_TOKENS),
         }
     }
 

@@ -144,9 +144,7 @@ impl Kernels {
         let mut decode_stream = HashMap::new();
         let mut gemm_persistent = None;
         if (major, minor) == (9, 0) {
-            gemm_persistent = Some(gemm_persistent::PersistentGemm {
-                functions: gemm_persistent::persistent_gemm_functions(&module)?,
-            });
+            gemm_persistent = Some(gemm_persistent::persistent_gemm(&module)?);
             for variant in StreamVariant::ALL {
                 let func = f(&variant.function_name(4))?;
                 allow_all_dynamic_smem(ctx, &func)?;

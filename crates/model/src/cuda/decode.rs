@@ -72,7 +72,13 @@ pub(super) struct DecodeSlots {
     /// benchmark forces (else one an SM).
     pub(super) stream: Option<StreamVariant>,
     pub(super) forced_stream_ctas: Option<usize>,
+    /// Context tokens a split takes whatever the batch (batch-invariant runs).
+    pub(super) fixed_split_tokens: Option<usize>,
 }
+
+/// Context tokens a decode split takes in batch-invariant runs: an item's splits, and so the
+/// order its attention sums in, depend on its own context alone.
+pub(super) const INVARIANT_DECODE_SPLIT_TOKENS: usize = 512;
 
 impl DecodeSlots {
     /// The splits and occupancy of a launch of `blocks` blocks over contexts of up to
@@ -212,10 +218,11 @@ pub(super) fn decode_split(
     let (split_tokens, max_splits, occupancy) = if plan.decode_items > 0 {
         let blocks = plan.decode_items * c.num_kv_heads;
         let (splits, occupancy) = slots.shape(blocks, plan.decode_max_ctx);
-        let split = plan
-            .decode_max_ctx
-            .div_ceil(splits.max(1))
-            .next_multiple_of(64);
+        let split = slots.fixed_split_tokens.unwrap_or_else(|| {
+            plan.decode_max_ctx
+                .div_ceil(splits.max(1))
+                .next_multiple_of(64)
+        });
         (split, plan.decode_max_ctx.div_ceil(split), occupancy)
     } else {
         (256, 1, slots.occupancies[0])

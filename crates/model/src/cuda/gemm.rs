@@ -2,13 +2,15 @@
 //! persistent wgmma GEMM on a fixed number of SMs when the overlapped executor's compute lane
 //! asks for it ([`Gemm::set_persistent_ctas`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::gemm_persistent::{persistent_shape_ok, PersistentGemm};
+use super::gemm_persistent::{
+    persistent_shape_ok, PersistentGemm, PersistentLaunch, PersistentTile, PERSISTENT_TILES,
+};
 use super::{cuda_err, raw_ptr};
 use crate::ModelError;
 
@@ -53,6 +55,13 @@ pub struct Gemm {
     persistent_ctas: AtomicUsize,
     /// The persistent kernel's tile counters (two u32, zero between launches).
     tile_counters: CudaSlice<u32>,
+    /// Every GEMM on the persistent kernel's one invariant tile ([`Gemm::set_batch_invariant`]).
+    batch_invariant: AtomicBool,
+    /// Blocks a batch-invariant GEMM runs as without a lane's count (the GPU's SMs).
+    whole_gpu_ctas: usize,
+    /// The persistent tile a benchmark forces (an index into `PERSISTENT_TILES`; `usize::MAX`:
+    /// chosen per shape).
+    forced_tile: AtomicUsize,
 }
 
 impl Gemm {
@@ -75,13 +84,57 @@ impl Gemm {
             stream: AtomicU64::new(stream.cu_stream() as u64),
             persistent: None,
             persistent_ctas: AtomicUsize::new(0),
+            batch_invariant: AtomicBool::new(false),
+            whole_gpu_ctas: 1,
+            forced_tile: AtomicUsize::new(usize::MAX),
         })
     }
 
-    /// Gives this handle the persistent kernels (compiled for Hopper) to run on request.
-    pub(super) fn with_persistent(mut self, persistent: Option<PersistentGemm>) -> Gemm {
+    /// Gives this handle the persistent kernels (compiled for Hopper) to run on request, on a
+    /// GPU of `sm_count` SMs.
+    pub(super) fn with_persistent(
+        mut self,
+        persistent: Option<PersistentGemm>,
+        sm_count: usize,
+    ) -> Gemm {
         self.persistent = persistent;
+        self.whole_gpu_ctas = sm_count.max(1);
         self
+    }
+
+    /// Runs every GEMM (bf16 and f32 out) on the persistent kernel with one tile shape, so that
+    /// a row's result does not depend on the other rows of the batch; returns whether the
+    /// kernel is there (compute capability 9.0).
+    pub fn set_batch_invariant(&self, on: bool) -> bool {
+        self.batch_invariant.store(on, Ordering::Relaxed);
+        self.persistent.is_some()
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant.load(Ordering::Relaxed) && self.persistent.is_some()
+    }
+
+    /// Forces the persistent kernel's tile (`(rows, cols)`, benchmarks), or (`None`) lets the
+    /// shape choose; returns whether that tile is compiled.
+    pub fn set_persistent_tile(&self, tile: Option<(usize, usize)>) -> bool {
+        let index = match tile {
+            None => usize::MAX,
+            Some((rows, cols)) => match PERSISTENT_TILES
+                .iter()
+                .position(|t| t.rows == rows && t.cols == cols)
+            {
+                Some(i) => i,
+                None => return false,
+            },
+        };
+        self.forced_tile.store(index, Ordering::Relaxed);
+        true
+    }
+
+    fn forced_tile(&self) -> Option<PersistentTile> {
+        PERSISTENT_TILES
+            .get(self.forced_tile.load(Ordering::Relaxed))
+            .copied()
     }
 
     /// Runs bf16-out GEMMs as the persistent kernel on exactly `ctas` SMs (0: back to cuBLAS).
@@ -94,7 +147,8 @@ impl Gemm {
     /// Sizes this handle's GEMMs for a lane of `sms` SMs with `kind`: the persistent kernel on
     /// `sms` blocks where it is compiled, else cuBLAS with that SM-count target.
     pub(super) fn size_for_lane(&self, sms: usize, kind: LaneGemm) -> Result<(), ModelError> {
-        if kind == LaneGemm::Persistent && self.set_persistent_ctas(sms) {
+        if (kind == LaneGemm::Persistent || self.batch_invariant()) && self.set_persistent_ctas(sms)
+        {
             self.set_sm_count_target(0)
         } else {
             self.set_persistent_ctas(0);
@@ -148,11 +202,33 @@ impl Gemm {
         if tokens == 0 {
             return Ok(());
         }
-        if let (Some(p), Some(ctas)) = (&self.persistent, self.persistent_ctas()) {
-            if !out_f32 && persistent_shape_ok(k, n) {
-                let stream = self.stream.load(Ordering::Relaxed) as cudarc::driver::sys::CUstream;
-                let counters = self.counters_ptr();
-                return p.launch(stream, ctas, counters, out, x, w, tokens, k, n);
+        if let Some(p) = &self.persistent {
+            let stream = self.stream.load(Ordering::Relaxed) as cudarc::driver::sys::CUstream;
+            if self.batch_invariant() {
+                if !persistent_shape_ok(k, n) {
+                    return Err(ModelError::Cuda(format!(
+                        "batch-invariant GEMM {tokens}x{k}x{n}: the persistent kernel needs k a \
+                         multiple of 8 and n even"
+                    )));
+                }
+                // Any tile: an element's sum over k runs in the same order in each
+                // (`gemm_lane_bench` checks they agree bit for bit).
+                let how = PersistentLaunch {
+                    ctas: self.persistent_ctas().unwrap_or(self.whole_gpu_ctas),
+                    tile: self.forced_tile(),
+                    out_f32,
+                };
+                return p.launch(stream, how, self.counters_ptr(), out, x, w, tokens, k, n);
+            }
+            if let Some(ctas) = self.persistent_ctas() {
+                if !out_f32 && persistent_shape_ok(k, n) {
+                    let how = PersistentLaunch {
+                        ctas,
+                        tile: self.forced_tile(),
+                        out_f32: false,
+                    };
+                    return p.launch(stream, how, self.counters_ptr(), out, x, w, tokens, k, n);
+                }
             }
         }
         let (alpha, beta) = (1.0f32, 0.0f32);

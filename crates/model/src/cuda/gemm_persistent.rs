@@ -19,7 +19,7 @@ pub(super) struct PersistentTile {
 }
 
 /// The compiled tiles, largest first (`gemm_persistent_m{rows}_n{cols}`).
-pub(super) const PERSISTENT_TILES: [PersistentTile; 3] = [
+pub(super) const PERSISTENT_TILES: [PersistentTile; 4] = [
     PersistentTile {
         rows: 128,
         cols: 256,
@@ -38,7 +38,19 @@ pub(super) const PERSISTENT_TILES: [PersistentTile; 3] = [
         stages: 5,
         cost_percent: 120,
     },
+    PersistentTile {
+        rows: 64,
+        cols: 32,
+        stages: 8,
+        cost_percent: 250,
+    },
 ];
+
+/// The tile of the f32-out kernel (the logits).
+pub(super) const F32_TILE: PersistentTile = PERSISTENT_TILES[1];
+
+/// The f32-out kernel (of [`F32_TILE`]).
+const F32_FUNCTION: &str = "gemm_persistent_m128_n128_f32";
 
 impl PersistentTile {
     pub(super) fn function_name(self) -> String {
@@ -79,20 +91,30 @@ pub(super) fn persistent_shape_ok(k: usize, n: usize) -> bool {
     k.is_multiple_of(8) && n.is_multiple_of(2) && k > 0 && n > 0
 }
 
-/// The persistent GEMM's kernels, one a tile.
+/// The persistent GEMM's kernels, one a tile, and the f32-out one of [`F32_TILE`].
 #[derive(Clone)]
 pub(super) struct PersistentGemm {
     pub(super) functions: Vec<(PersistentTile, CudaFunction)>,
+    pub(super) f32_out: CudaFunction,
+}
+
+/// How a persistent launch runs: its blocks, its tile (`None`: chosen for the shape) and
+/// whether it writes f32.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PersistentLaunch {
+    pub(super) ctas: usize,
+    pub(super) tile: Option<PersistentTile>,
+    pub(super) out_f32: bool,
 }
 
 impl PersistentGemm {
-    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (bf16, device addresses) on `stream` as (at most)
-    /// `ctas` blocks; `counters`: two zeroed u32 words that only launches on `stream` use.
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (bf16 in, device addresses) on `stream` as `how`
+    /// says; `counters`: two zeroed u32 words that only launches on `stream` use.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch(
         &self,
         stream: CUstream,
-        ctas: usize,
+        how: PersistentLaunch,
         counters: u64,
         out: u64,
         x: u64,
@@ -101,13 +123,19 @@ impl PersistentGemm {
         k: usize,
         n: usize,
     ) -> Result<(), ModelError> {
-        let tile = pick_tile(m, n, ctas);
-        let f = &self
-            .functions
-            .iter()
-            .find(|(t, _)| *t == tile)
-            .expect("every tile compiled")
-            .1;
+        let ctas = how.ctas;
+        let (tile, f) = if how.out_f32 {
+            (F32_TILE, &self.f32_out)
+        } else {
+            let tile = how.tile.unwrap_or_else(|| pick_tile(m, n, ctas));
+            let f = &self
+                .functions
+                .iter()
+                .find(|(t, _)| *t == tile)
+                .expect("every tile compiled")
+                .1;
+            (tile, f)
+        };
         let x_map = matrix_tensor_map(x, m, k, tile.rows)?;
         let w_map = matrix_tensor_map(w, n, k, tile.cols)?;
         let tiles = tile.tiles(m, n);
@@ -140,24 +168,26 @@ impl PersistentGemm {
 
 /// The persistent GEMM's kernels from `module` (compiled for `sm_90a`), allowed their shared
 /// memory.
-pub(super) fn persistent_gemm_functions(
-    module: &Arc<CudaModule>,
-) -> Result<Vec<(PersistentTile, CudaFunction)>, ModelError> {
-    PERSISTENT_TILES
+pub(super) fn persistent_gemm(module: &Arc<CudaModule>) -> Result<PersistentGemm, ModelError> {
+    let load = |name: &str, tile: PersistentTile| {
+        let func = module
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            tile.smem_bytes() as i32,
+        )
+        .map_err(|e| cuda_err("persistent GEMM shared memory", e))?;
+        Ok::<_, ModelError>(func)
+    };
+    let functions = PERSISTENT_TILES
         .into_iter()
-        .map(|tile| {
-            let name = tile.function_name();
-            let func = module
-                .load_function(&name)
-                .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                tile.smem_bytes() as i32,
-            )
-            .map_err(|e| cuda_err("persistent GEMM shared memory", e))?;
-            Ok((tile, func))
-        })
-        .collect()
+        .map(|tile| Ok((tile, load(&tile.function_name(), tile)?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    Ok(PersistentGemm {
+        functions,
+        f32_out: load(F32_FUNCTION, F32_TILE)?,
+    })
 }
 
 /// The TMA descriptor of a row-major bf16 matrix `[rows, cols]` at `ptr`, read in boxes of 64
@@ -233,6 +263,9 @@ mod tests {
         // 320 rows: 3 x 112 tiles of 128 x 256 (4 waves, 32768 x 400), 3 x 224 of 128 x 128
         // (7 waves, 16384 x 770), 5 x 112 of 64 x 256 (6 waves, 16384 x 720).
         assert_eq!(pick(320, 28672, 100), (64, 256));
+        // A decode step's few rows: narrow tiles, so that every SM streams weights.
+        assert_eq!(pick(3, 4096, 132), (64, 32));
+        assert_eq!(pick(1024, 4096, 132), (128, 256));
         assert!(persistent_shape_ok(4096, 14336));
         assert!(!persistent_shape_ok(4100, 14336));
     }

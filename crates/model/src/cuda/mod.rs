@@ -162,6 +162,8 @@ pub struct CudaLlama {
     last_memory_sms: Option<usize>,
     /// The overlapped executor's compute-lane GEMMs.
     lane_gemm: LaneGemm,
+    /// Results that do not depend on the batch ([`CudaLlama::set_batch_invariant`]).
+    batch_invariant: bool,
     /// The memory lane's decode kernel a benchmark forces (`None`: the stream kernel where the
     /// lane has SMs of its own and the GPU has it, else the model's decode kernel).
     forced_lane_decode: Option<DecodeKernel>,
@@ -228,12 +230,13 @@ impl CudaLlama {
             .map_err(|e| cuda_err("creating a stream", e))?;
         let kernels = Kernels::compile(&ctx)?;
         let kernels_cc_major = kernels.compute_capability.0;
-        let gemm = Gemm::new(stream.clone())?.with_persistent(kernels.gemm_persistent.clone());
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| cuda_err("SM count", e))? as usize;
+        let gemm =
+            Gemm::new(stream.clone())?.with_persistent(kernels.gemm_persistent.clone(), sm_count);
         let inv_freq: Vec<f32> = config.rope_inv_freq().iter().map(|&f| f as f32).collect();
         let inv_freq = stream
             .clone_htod(&inv_freq)
@@ -265,6 +268,7 @@ impl CudaLlama {
             overlap_planner: crate::OverlapPlanner::h200(sm_count),
             last_memory_sms: None,
             lane_gemm: LaneGemm::default(),
+            batch_invariant: false,
             decode_dependent_launch: kernels_cc_major >= 9,
             decode_longest_first: true,
             hidden: Scratch::new(),
@@ -857,6 +861,7 @@ impl CudaLlama {
                 executor,
                 &self.kernels.gemm_persistent,
                 self.lane_gemm,
+                self.batch_invariant,
             )?);
         }
         Ok(())

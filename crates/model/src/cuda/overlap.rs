@@ -374,8 +374,10 @@ impl Lane {
         stream: LaneStream,
         sm_count: usize,
         persistent: &Option<PersistentGemm>,
+        batch_invariant: bool,
     ) -> Result<Lane, ModelError> {
-        let gemm = Gemm::new(main.clone())?.with_persistent(persistent.clone());
+        let gemm = Gemm::new(main.clone())?.with_persistent(persistent.clone(), sm_count);
+        gemm.set_batch_invariant(batch_invariant);
         gemm.set_stream(stream.stream)?;
         Ok(Lane {
             gemm,
@@ -403,6 +405,7 @@ impl Overlap {
         executor: StepExecutor,
         persistent: &Option<PersistentGemm>,
         lane_gemm: LaneGemm,
+        batch_invariant: bool,
     ) -> Result<Overlap, ModelError> {
         let (memory_sms, split) = match executor {
             StepExecutor::Sequential => {
@@ -424,8 +427,20 @@ impl Overlap {
             .map_err(|e| cuda_err("binding the context", e))?;
         let lanes = match split {
             SmSplit::Shared => [
-                Lane::new(main, LaneStream::plain(0)?, sm_count, &None)?,
-                Lane::new(main, LaneStream::plain(0)?, sm_count, &None)?,
+                Lane::new(
+                    main,
+                    LaneStream::plain(0)?,
+                    sm_count,
+                    persistent,
+                    batch_invariant,
+                )?,
+                Lane::new(
+                    main,
+                    LaneStream::plain(0)?,
+                    sm_count,
+                    persistent,
+                    batch_invariant,
+                )?,
             ],
             SmSplit::GemmTarget => {
                 let compute = Lane::new(
@@ -433,23 +448,30 @@ impl Overlap {
                     LaneStream::plain(0)?,
                     sm_count - memory_sms,
                     persistent,
+                    batch_invariant,
                 )?;
                 compute
                     .gemm
                     .size_for_lane(sm_count - memory_sms, lane_gemm)?;
                 let memory = LaneStream::plain(greatest_priority()?)?;
-                [compute, Lane::new(main, memory, memory_sms, &None)?]
+                [
+                    compute,
+                    Lane::new(main, memory, memory_sms, &None, batch_invariant)?,
+                ]
             }
             SmSplit::GreenContexts => {
                 let (compute, compute_sms, memory, memory_sms) =
                     green_lane_streams(ctx, memory_sms)?;
-                let compute = Lane::new(main, compute, compute_sms, persistent)?;
+                let compute = Lane::new(main, compute, compute_sms, persistent, batch_invariant)?;
                 // On its own partition the lane's cuBLAS needs no target; the persistent
                 // kernel still needs its block count.
                 if lane_gemm == LaneGemm::Persistent {
                     compute.gemm.set_persistent_ctas(compute_sms);
                 }
-                [compute, Lane::new(main, memory, memory_sms, &None)?]
+                [
+                    compute,
+                    Lane::new(main, memory, memory_sms, &None, batch_invariant)?,
+                ]
             }
         };
         Ok(Overlap {
