@@ -22,7 +22,8 @@ struct Args {
     out: PathBuf,
     device: String,
     steps: usize,
-    /// The CUDA step executor (`sequential` unless given).
+    /// The CUDA step executor (`sequential` unless given), or `batch-invariant` (sequential,
+    /// batch-invariant kernels).
     executor: Option<String>,
 }
 
@@ -147,9 +148,16 @@ fn load(args: &Args) -> Result<(Box<dyn StepModel>, f64), String> {
         #[cfg(feature = "cuda")]
         "cuda" => {
             let mut m = model::cuda::CudaLlama::load(&args.model, 0).map_err(|e| e.to_string())?;
-            if let Some(name) = &args.executor {
-                let executor: model::cuda::StepExecutor = name.parse()?;
-                m.set_executor(executor).map_err(|e| e.to_string())?;
+            match args.executor.as_deref() {
+                // Not an executor: the sequential one with batch-invariant kernels.
+                Some("batch-invariant") => {
+                    m.set_batch_invariant(true).map_err(|e| e.to_string())?
+                }
+                Some(name) => {
+                    let executor: model::cuda::StepExecutor = name.parse()?;
+                    m.set_executor(executor).map_err(|e| e.to_string())?;
+                }
+                None => {}
             }
             Box::new(model::CudaStepModel::new(m))
         }
