@@ -191,48 +191,20 @@ pub(super) fn persistent_gemm(module: &Arc<CudaModule>) -> Result<PersistentGemm
 }
 
 /// The TMA descriptor of a row-major bf16 matrix `[rows, cols]` at `ptr`, read in boxes of 64
-/// columns x `box_rows` rows, 128-byte swizzled (wgmma's K-major layout); out-of-range parts
-/// read as 0.
+/// columns x `box_rows` rows.
 fn matrix_tensor_map(
     ptr: u64,
     rows: usize,
     cols: usize,
     box_rows: usize,
 ) -> Result<CUtensorMap, ModelError> {
-    use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
-    };
-    let dims = [cols as u64, rows as u64];
-    let strides_bytes = [2 * cols as u64];
-    let boxes = [TILE_K as u32, box_rows as u32];
-    let element_strides = [1u32; 2];
-    let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
-    // SAFETY: every array has the rank's length; the driver only writes the map.
-    let result = unsafe {
-        cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides_bytes.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if result != CUresult::CUDA_SUCCESS {
-        return Err(cuda_err(
-            &format!("TMA descriptor of a {rows} x {cols} GEMM operand"),
-            result,
-        ));
-    }
-    // SAFETY: encoded successfully above.
-    Ok(unsafe { map.assume_init() })
+    super::tma::bf16_tensor_map(
+        ptr,
+        &[cols as u64, rows as u64],
+        &[2 * cols as u64],
+        &[TILE_K as u32, box_rows as u32],
+        || format!("a {rows} x {cols} GEMM operand"),
+    )
 }
 
 #[cfg(test)]

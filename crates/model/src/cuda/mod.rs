@@ -32,6 +32,7 @@ mod overlap;
 mod overlap_step;
 mod plan;
 mod prefill;
+mod tma;
 
 use std::collections::HashMap;
 use std::path::Path;

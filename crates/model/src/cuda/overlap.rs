@@ -426,22 +426,13 @@ impl Overlap {
         ctx.bind_to_thread()
             .map_err(|e| cuda_err("binding the context", e))?;
         let lanes = match split {
-            SmSplit::Shared => [
-                Lane::new(
-                    main,
-                    LaneStream::plain(0)?,
-                    sm_count,
-                    persistent,
-                    batch_invariant,
-                )?,
-                Lane::new(
-                    main,
-                    LaneStream::plain(0)?,
-                    sm_count,
-                    persistent,
-                    batch_invariant,
-                )?,
-            ],
+            SmSplit::Shared => {
+                let lane = || {
+                    let stream = LaneStream::plain(0)?;
+                    Lane::new(main, stream, sm_count, persistent, batch_invariant)
+                };
+                [lane()?, lane()?]
+            }
             SmSplit::GemmTarget => {
                 let compute = Lane::new(
                     main,

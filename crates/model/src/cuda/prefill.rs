@@ -189,43 +189,18 @@ pub(super) fn kv_tensor_map(
     head_dim: usize,
     block_size: usize,
 ) -> Result<CUtensorMap, ModelError> {
-    use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
-    };
-    let dims = [head_dim as u64, kv_heads as u64, num_slots as u64];
-    let strides_bytes = [2 * head_dim as u64, 2 * (kv_heads * head_dim) as u64];
-    let boxes = [64u32, 1, block_size.min(PREFILL_TILE_KEYS) as u32];
-    let element_strides = [1u32; 3];
-    let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
-    // SAFETY: every array has the rank's length; the driver only writes the map.
-    let result = unsafe {
-        cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            3,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides_bytes.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if result != CUresult::CUDA_SUCCESS {
-        return Err(cuda_err(
-            &format!(
-                "TMA descriptor of a KV cache ({num_slots} slots x {kv_heads} heads x \
-                 {head_dim}, blocks of {block_size})"
-            ),
-            result,
-        ));
-    }
-    // SAFETY: encoded successfully above.
-    Ok(unsafe { map.assume_init() })
+    super::tma::bf16_tensor_map(
+        ptr,
+        &[head_dim as u64, kv_heads as u64, num_slots as u64],
+        &[2 * head_dim as u64, 2 * (kv_heads * head_dim) as u64],
+        &[64, 1, block_size.min(PREFILL_TILE_KEYS) as u32],
+        || {
+            format!(
+                "a KV cache ({num_slots} slots x {kv_heads} heads x {head_dim}, blocks of \
+                 {block_size})"
+            )
+        },
+    )
 }
 
 /// The wgmma prefill kernel of `variant` in `module`, allowed its shared memory.
