@@ -16,11 +16,7 @@ fn sim_on_bundled_default_prints_table_and_writes_csv() {
         .arg(&csv_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     for policy in ["fcfs", "random", "dfs", "blendserve"] {
         assert!(
@@ -61,11 +57,7 @@ fn sim_reads_a_trace_file_and_a_mix() {
         .arg(dir.path().join("a.csv"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let out = blendserve()
         .args([
             "sim",
@@ -84,14 +76,19 @@ fn sim_reads_a_trace_file_and_a_mix() {
         .arg(dir.path().join("b.csv"))
         .output()
         .unwrap();
+    assert_ok(&out);
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("blendserve-flat"));
+}
+
+/// Asserts a command succeeded, showing its stderr if not.
+fn assert_ok(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8(out.stdout)
-        .unwrap()
-        .contains("blendserve-flat"));
 }
 
 fn failure(args: &[&str]) -> String {
@@ -141,11 +138,7 @@ fn generate_then_simulate_the_written_file() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 200);
     let out = blendserve()
         .args(["inspect", "--workload"])
@@ -178,11 +171,7 @@ fn generate_writes_a_paper_preset_with_known_video_lengths() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -216,11 +205,7 @@ fn generate_writes_a_paper_preset_with_known_video_lengths() {
         .arg(dir.path().join("out.csv"))
         .output()
         .unwrap();
-    assert!(
-        sim.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sim.stderr)
-    );
+    assert_ok(&sim);
     let bad = blendserve()
         .args(["sim", "--workload", "paper-trace7"])
         .output()
@@ -277,11 +262,7 @@ fn sim_ranks_compares_shardings() {
         .arg(&ranks_csv)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut reader = csv::Reader::from_path(&ranks_csv).unwrap();
     let headers = reader.headers().unwrap().clone();
     let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
