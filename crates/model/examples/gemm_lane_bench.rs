@@ -218,17 +218,24 @@ fn lane_pairs(one: &mut CudaLlama, quick: bool) -> Vec<Value> {
         };
         let attention_reps = ((gemm_full * 8.0 / attention_full).round() as usize).max(1) * scale;
         let gemm_reps = 8 * scale;
+        // Back to back on the whole GPU; with `--sustain` timed for as long as the pairs (the
+        // board's power limit acts over such spans, not over a few milliseconds).
+        let mut sequential = gemm_full * gemm_reps as f64 + attention_full * attention_reps as f64;
         if scale > 1 {
-            // The whole GPU's phases for as long, for the clock and power samples.
             phase(&format!("whole-gpu-gemm rows={rows}"));
-            one.time(gemm_reps, |m| layer_gemms(m.gemm(), 1))
-                .expect("gemm");
+            let gemm = one.time(1, |m| {
+                (0..gemm_reps).try_for_each(|_| layer_gemms(m.gemm(), 1))
+            });
             phase(&format!("whole-gpu-attention rows={rows}"));
-            one.time_attention(&batch, &cache, attention_reps)
-                .expect("attention");
+            let attention = one.time_attention(&batch, &cache, attention_reps);
             phase("end");
+            sequential =
+                gemm.expect("gemm") + attention.expect("attention") * attention_reps as f64;
+            eprintln!(
+                "rows={rows}: back to back on the whole GPU, sustained: {:.1} ms",
+                sequential * 1e3
+            );
         }
-        let sequential = gemm_full * gemm_reps as f64 + attention_full * attention_reps as f64;
         one.set_decode_kernel(DecodeKernel::Stream(StreamVariant::DEFAULT))
             .expect("stream kernel");
         for memory_sms in [16, 24, 32, 40] {
