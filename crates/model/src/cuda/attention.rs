@@ -55,6 +55,9 @@ impl CudaLlama {
     /// Chooses the decode attention kernel (benchmarks compare them); an error if this GPU,
     /// KV group or head size has no such kernel.
     pub fn set_decode_kernel(&mut self, kernel: DecodeKernel) -> Result<(), ModelError> {
+        if self.batch_invariant && matches!(kernel, DecodeKernel::Stream(_)) {
+            return Err(stream_not_invariant());
+        }
         if kernel != DecodeKernel::Lanes {
             if kernel == DecodeKernel::Registers {
                 self.kernels.load_all_wgmma_variants(&self.ctx)?;
@@ -207,6 +210,9 @@ impl CudaLlama {
     /// tokens and never on the stream kernel. Needs compute capability 9.0 (the persistent
     /// kernel); slower than the default (cuBLAS picks faster kernels per shape).
     pub fn set_batch_invariant(&mut self, on: bool) -> Result<(), ModelError> {
+        if on && matches!(self.decode_kernel, DecodeKernel::Stream(_)) {
+            return Err(stream_not_invariant());
+        }
         if on && !self.gemm.set_batch_invariant(true) {
             return Err(ModelError::Cuda(
                 "batch-invariant runs need the persistent GEMM (compute capability 9.0)".into(),
@@ -266,7 +272,7 @@ impl CudaLlama {
     pub(super) fn memory_lane_slots(&self, sms: usize) -> DecodeSlots {
         let mut slots = self.decode_slots(sms);
         slots.stream = match self.lane_decode_kernel() {
-            DecodeKernel::Stream(v) if !self.batch_invariant => Some(v),
+            DecodeKernel::Stream(v) => Some(v),
             _ => None,
         };
         slots
@@ -279,9 +285,8 @@ impl CudaLlama {
             occupancies: self.decode_occupancies,
             forced_splits: self.forced_decode_splits,
             forced_blocks_per_sm: self.forced_decode_blocks_per_sm,
-            // The stream kernel cuts the batch's tokens into equal runs: not batch-invariant.
             stream: match self.decode_kernel {
-                DecodeKernel::Stream(v) if !self.batch_invariant => Some(v),
+                DecodeKernel::Stream(v) => Some(v),
                 _ => None,
             },
             forced_stream_ctas: self.forced_stream_ctas,
@@ -348,7 +353,7 @@ impl CudaLlama {
         } else if plan.decode_items > 0 && part != AttentionPart::Prefill {
             let (f, _) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
-            self.launch_smem_on(
+            launch_smem_on(
                 stream,
                 f,
                 // KV heads fastest: an item's blocks launch together, items in plan order.
@@ -426,7 +431,7 @@ impl CudaLlama {
                 }
                 _ => None,
             };
-            self.launch_smem_on(
+            launch_smem_on(
                 stream,
                 f,
                 // Head groups fastest, tiles in y (a grid's y is at most 65535).
@@ -594,4 +599,14 @@ impl CudaLlama {
             .map(|b| half::bf16::from_bits(b).to_f32())
             .collect())
     }
+}
+
+/// The stream decode kernel cuts the batch's tokens into equal runs, so an item's sums depend on
+/// the batch: batch-invariant runs decode with the split kernels.
+fn stream_not_invariant() -> ModelError {
+    ModelError::Cuda(
+        "batch-invariant runs cannot decode with the stream kernel (it splits the batch's \
+         tokens, not each item's)"
+            .into(),
+    )
 }

@@ -192,11 +192,12 @@ pub(super) fn decode_split(
     part_acc: &mut Scratch<f32>,
     part_ml: &mut Scratch<f32>,
 ) -> Result<DecodeSplit, ModelError> {
-    // The stream kernel's tiles are whole 16-token blocks; other caches decode as before.
-    if let Some(variant) = slots
-        .stream
-        .filter(|_| plan.block_size == STREAM_DECODE_CHUNK_TOKENS)
-    {
+    // The stream kernel's tiles are whole 16-token blocks; other caches decode as before. It
+    // cuts the batch's tokens into equal runs, so a fixed split (batch-invariant runs) keeps to
+    // the split kernels.
+    if let Some(variant) = slots.stream.filter(|_| {
+        plan.block_size == STREAM_DECODE_CHUNK_TOKENS && slots.fixed_split_tokens.is_none()
+    }) {
         let ctas = slots.forced_stream_ctas.unwrap_or(slots.sms);
         let stream_shape = stream_shape(
             plan.decode_chunks,

@@ -106,7 +106,7 @@ impl CudaLlama {
             .ok_or_else(|| ModelError::Cuda(format!("no stream decode kernel {variant:?}")))?;
         let at = |off: usize| ints + 4 * off as u64;
         let scale_log2 = (1.0 / (c.head_dim as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
-        self.launch_smem_on(
+        launch_smem_on(
             stream,
             f,
             (shape.ctas as u32, 1, 1),

@@ -53,8 +53,10 @@ pub struct Gemm {
     persistent: Option<PersistentGemm>,
     /// Blocks the persistent kernel runs as; 0: cuBLAS.
     persistent_ctas: AtomicUsize,
-    /// The persistent kernel's tile counters (two u32, zero between launches).
-    tile_counters: CudaSlice<u32>,
+    /// The persistent kernel's tile counters (two u32, zero between launches) and their device
+    /// address.
+    _tile_counters: CudaSlice<u32>,
+    tile_counters_ptr: u64,
     /// Every GEMM on the persistent kernel's one invariant tile ([`Gemm::set_batch_invariant`]).
     batch_invariant: AtomicBool,
     /// Blocks a batch-invariant GEMM runs as without a lane's count (the GPU's SMs).
@@ -78,7 +80,8 @@ impl Gemm {
             .alloc_zeros::<u32>(2)
             .map_err(|e| cuda_err("GEMM tile counters", e))?;
         Ok(Gemm {
-            tile_counters,
+            tile_counters_ptr: raw_ptr(&tile_counters, &stream),
+            _tile_counters: tile_counters,
             blas,
             _workspace: workspace,
             stream: AtomicU64::new(stream.cu_stream() as u64),
@@ -156,11 +159,6 @@ impl Gemm {
         }
     }
 
-    fn counters_ptr(&self) -> u64 {
-        let stream = self.tile_counters.stream().clone();
-        raw_ptr(&self.tile_counters, &stream)
-    }
-
     /// Blocks of the persistent kernel, if bf16 GEMMs run on it.
     pub fn persistent_ctas(&self) -> Option<usize> {
         let ctas = self.persistent_ctas.load(Ordering::Relaxed);
@@ -203,31 +201,33 @@ impl Gemm {
             return Ok(());
         }
         if let Some(p) = &self.persistent {
-            let stream = self.stream.load(Ordering::Relaxed) as cudarc::driver::sys::CUstream;
-            if self.batch_invariant() {
-                if !persistent_shape_ok(k, n) {
+            // Batch-invariant: every GEMM, on the lane's blocks or the whole GPU's; otherwise
+            // bf16 outputs where a lane asked for the kernel.
+            let invariant = self.batch_invariant();
+            let ctas = if invariant {
+                Some(self.persistent_ctas().unwrap_or(self.whole_gpu_ctas))
+            } else {
+                self.persistent_ctas().filter(|_| !out_f32)
+            };
+            if let Some(ctas) = ctas {
+                if persistent_shape_ok(k, n) {
+                    // Any tile: an element's sum over k runs in the same order in each
+                    // (`gemm_lane_bench --invariance` checks they agree bit for bit).
+                    let how = PersistentLaunch {
+                        ctas,
+                        tile: self.forced_tile(),
+                        out_f32,
+                    };
+                    let stream =
+                        self.stream.load(Ordering::Relaxed) as cudarc::driver::sys::CUstream;
+                    let counters = self.tile_counters_ptr;
+                    return p.launch(stream, how, counters, out, x, w, tokens, k, n);
+                }
+                if invariant {
                     return Err(ModelError::Cuda(format!(
                         "batch-invariant GEMM {tokens}x{k}x{n}: the persistent kernel needs k a \
                          multiple of 8 and n even"
                     )));
-                }
-                // Any tile: an element's sum over k runs in the same order in each
-                // (`gemm_lane_bench` checks they agree bit for bit).
-                let how = PersistentLaunch {
-                    ctas: self.persistent_ctas().unwrap_or(self.whole_gpu_ctas),
-                    tile: self.forced_tile(),
-                    out_f32,
-                };
-                return p.launch(stream, how, self.counters_ptr(), out, x, w, tokens, k, n);
-            }
-            if let Some(ctas) = self.persistent_ctas() {
-                if !out_f32 && persistent_shape_ok(k, n) {
-                    let how = PersistentLaunch {
-                        ctas,
-                        tile: self.forced_tile(),
-                        out_f32: false,
-                    };
-                    return p.launch(stream, how, self.counters_ptr(), out, x, w, tokens, k, n);
                 }
             }
         }

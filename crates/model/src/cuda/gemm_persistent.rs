@@ -138,31 +138,29 @@ impl PersistentGemm {
         };
         let x_map = matrix_tensor_map(x, m, k, tile.rows)?;
         let w_map = matrix_tensor_map(w, n, k, tile.cols)?;
-        let tiles = tile.tiles(m, n);
-        let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-        let (mut out_slot, mut counters_slot) = (out, counters);
-        let mut params: [*mut std::ffi::c_void; 7] = [
-            &mut out_slot as *mut u64 as *mut _,
-            &x_map as *const CUtensorMap as *mut _,
-            &w_map as *const CUtensorMap as *mut _,
-            &mut counters_slot as *mut u64 as *mut _,
-            &m32 as *const i32 as *mut _,
-            &n32 as *const i32 as *mut _,
-            &k32 as *const i32 as *mut _,
-        ];
-        // SAFETY: the parameters match `gemm_persistent_n*`'s signature; the driver copies them
-        // before the call returns.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (tiles.min(ctas).max(1) as u32, 1, 1),
-                (tile.threads() as u32, 1, 1),
-                tile.smem_bytes() as u32,
-                stream,
-                &mut params,
-            )
-        }
-        .map_err(|e| cuda_err(&format!("persistent GEMM {m}x{k}x{n}"), e))
+        let blocks = tile.tiles(m, n).min(ctas).max(1);
+        launch_smem_on(
+            stream,
+            f,
+            (blocks as u32, 1, 1),
+            tile.threads() as u32,
+            tile.smem_bytes() as u32,
+            &[
+                Ptr(out),
+                Arg::TensorMap(&x_map),
+                Arg::TensorMap(&w_map),
+                Ptr(counters),
+                I32(m as i32),
+                I32(n as i32),
+                I32(k as i32),
+            ],
+            "persistent GEMM",
+            false,
+        )
+        .map_err(|e| match e {
+            ModelError::Cuda(msg) => ModelError::Cuda(format!("{msg} ({m}x{k}x{n})")),
+            other => other,
+        })
     }
 }
 

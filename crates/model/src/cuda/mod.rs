@@ -660,7 +660,7 @@ impl CudaLlama {
         args: &[Arg],
         what: &str,
     ) -> Result<(), ModelError> {
-        self.launch_smem_on(stream, f, grid, block, 0, args, what, false)
+        launch_smem_on(stream, f, grid, block, 0, args, what, false)
     }
 
     fn launch_smem(
@@ -672,7 +672,7 @@ impl CudaLlama {
         args: &[Arg],
         what: &str,
     ) -> Result<(), ModelError> {
-        self.launch_smem_on(
+        launch_smem_on(
             self.stream.cu_stream(),
             f,
             grid,
@@ -682,92 +682,6 @@ impl CudaLlama {
             what,
             false,
         )
-    }
-
-    /// Launches `f` on `stream` with `args`; with `dependent`, as a programmatic dependent of
-    /// the kernel before it in the stream (compute capability 9.0: its blocks may start while
-    /// that kernel's last ones run, and must `pdl_wait` before reading what it wrote).
-    #[allow(clippy::too_many_arguments)]
-    fn launch_smem_on(
-        &self,
-        stream: CUstream,
-        f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared_mem_bytes: u32,
-        args: &[Arg],
-        what: &str,
-        dependent: bool,
-    ) -> Result<(), ModelError> {
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            return Ok(());
-        }
-        // Each argument in its own 8-byte slot (little-endian: a 4-byte value sits at the
-        // slot's start), and the driver gets a pointer to each slot.
-        // A tensor map is passed by a pointer to its 128 bytes.
-        let mut slots: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(v) | Arg::U64(v) => v,
-                Arg::I32(v) => u64::from(v as u32),
-                Arg::U32(v) => u64::from(v),
-                Arg::F32(v) => u64::from(v.to_bits()),
-                Arg::TensorMap(_) => 0,
-            })
-            .collect();
-        let mut params: Vec<*mut std::ffi::c_void> = slots
-            .iter_mut()
-            .zip(args)
-            .map(|(s, a)| match a {
-                Arg::TensorMap(map) => *map as *const CUtensorMap as *mut std::ffi::c_void,
-                _ => s as *mut u64 as *mut std::ffi::c_void,
-            })
-            .collect();
-        // SAFETY: the argument list matches the kernel's signature in kernels/ (checked by the
-        // device tests); the slots and maps outlive the call, which copies them.
-        if !dependent {
-            return unsafe {
-                cudarc::driver::result::launch_kernel(
-                    f.cu_function(),
-                    grid,
-                    (block, 1, 1),
-                    shared_mem_bytes,
-                    stream,
-                    &mut params,
-                )
-            }
-            .map_err(|e| cuda_err(what, e));
-        }
-        use cudarc::driver::sys;
-        // SAFETY: a zeroed attribute is a valid value of the C struct; the id and the union
-        // member set below are the programmatic-serialisation pair.
-        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attribute.id =
-            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attribute.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: shared_mem_bytes,
-            hStream: stream,
-            attrs: &mut attribute,
-            numAttrs: 1,
-        };
-        // SAFETY: as above; `config` and `attribute` outlive the call.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &config,
-                f.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .map_err(|e| cuda_err(what, e))
     }
 
     /// Runs one step on the GPU: writes the batch's K and V into `cache` and leaves the logits
@@ -1183,6 +1097,90 @@ impl CudaLlama {
         self.synchronize()?;
         Ok(host)
     }
+}
+
+/// Launches `f` on `stream` with `args`; with `dependent`, as a programmatic dependent of
+/// the kernel before it in the stream (compute capability 9.0: its blocks may start while
+/// that kernel's last ones run, and must `pdl_wait` before reading what it wrote).
+#[allow(clippy::too_many_arguments)]
+fn launch_smem_on(
+    stream: CUstream,
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared_mem_bytes: u32,
+    args: &[Arg],
+    what: &str,
+    dependent: bool,
+) -> Result<(), ModelError> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    // Each argument in its own 8-byte slot (little-endian: a 4-byte value sits at the
+    // slot's start), and the driver gets a pointer to each slot.
+    // A tensor map is passed by a pointer to its 128 bytes.
+    let mut slots: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(v) | Arg::U64(v) => v,
+            Arg::I32(v) => u64::from(v as u32),
+            Arg::U32(v) => u64::from(v),
+            Arg::F32(v) => u64::from(v.to_bits()),
+            Arg::TensorMap(_) => 0,
+        })
+        .collect();
+    let mut params: Vec<*mut std::ffi::c_void> = slots
+        .iter_mut()
+        .zip(args)
+        .map(|(s, a)| match a {
+            Arg::TensorMap(map) => *map as *const CUtensorMap as *mut std::ffi::c_void,
+            _ => s as *mut u64 as *mut std::ffi::c_void,
+        })
+        .collect();
+    // SAFETY: the argument list matches the kernel's signature in kernels/ (checked by the
+    // device tests); the slots and maps outlive the call, which copies them.
+    if !dependent {
+        return unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                shared_mem_bytes,
+                stream,
+                &mut params,
+            )
+        }
+        .map_err(|e| cuda_err(what, e));
+    }
+    use cudarc::driver::sys;
+    // SAFETY: a zeroed attribute is a valid value of the C struct; the id and the union
+    // member set below are the programmatic-serialisation pair.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared_mem_bytes,
+        hStream: stream,
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // SAFETY: as above; `config` and `attribute` outlive the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| cuda_err(what, e))
 }
 
 /// A kernel argument: a device pointer (possibly offset into a buffer) or a scalar.

@@ -441,9 +441,6 @@ impl Overlap {
                     persistent,
                     batch_invariant,
                 )?;
-                compute
-                    .gemm
-                    .size_for_lane(sm_count - memory_sms, lane_gemm)?;
                 let memory = LaneStream::plain(greatest_priority()?)?;
                 [
                     compute,
@@ -454,18 +451,13 @@ impl Overlap {
                 let (compute, compute_sms, memory, memory_sms) =
                     green_lane_streams(ctx, memory_sms)?;
                 let compute = Lane::new(main, compute, compute_sms, persistent, batch_invariant)?;
-                // On its own partition the lane's cuBLAS needs no target; the persistent
-                // kernel still needs its block count.
-                if lane_gemm == LaneGemm::Persistent {
-                    compute.gemm.set_persistent_ctas(compute_sms);
-                }
                 [
                     compute,
                     Lane::new(main, memory, memory_sms, &None, batch_invariant)?,
                 ]
             }
         };
-        Ok(Overlap {
+        let overlap = Overlap {
             lane_gemm,
             lanes,
             start: sync_event()?,
@@ -473,7 +465,9 @@ impl Overlap {
             attention_done: [sync_event()?, sync_event()?],
             executor,
             timing: None,
-        })
+        };
+        overlap.size_compute_gemms()?;
+        Ok(overlap)
     }
 
     /// SMs of the compute and memory lanes.
@@ -486,13 +480,35 @@ impl Overlap {
     pub(super) fn resize(&mut self, memory_sms: usize) -> Result<(), ModelError> {
         let total = self.lanes[0].sm_count + self.lanes[1].sm_count;
         if self.lanes[1].sm_count != memory_sms && memory_sms < total {
-            self.lanes[0]
-                .gemm
-                .size_for_lane(total - memory_sms, self.lane_gemm)?;
             self.lanes[0].sm_count = total - memory_sms;
             self.lanes[1].sm_count = memory_sms;
+            self.size_compute_gemms()?;
         }
         Ok(())
+    }
+
+    /// Sizes the compute lane's GEMMs for its SMs as `lane_gemm` says: on plain streams the
+    /// persistent kernel on that many blocks, or cuBLAS told that many SMs; on a green
+    /// partition the persistent kernel's blocks (cuBLAS needs no target there); on shared SMs
+    /// nothing.
+    pub(super) fn size_compute_gemms(&self) -> Result<(), ModelError> {
+        let compute = &self.lanes[0];
+        let split = match self.executor {
+            StepExecutor::Overlapped { split, .. } => split,
+            // Plain-stream lanes sized per step (`resize`).
+            _ => SmSplit::GemmTarget,
+        };
+        match split {
+            SmSplit::Shared => Ok(()),
+            SmSplit::GemmTarget => compute.gemm.size_for_lane(compute.sm_count, self.lane_gemm),
+            SmSplit::GreenContexts => {
+                let persistent = self.lane_gemm == LaneGemm::Persistent;
+                compute
+                    .gemm
+                    .set_persistent_ctas(if persistent { compute.sm_count } else { 0 });
+                Ok(())
+            }
+        }
     }
 }
 

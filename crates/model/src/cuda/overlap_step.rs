@@ -20,25 +20,7 @@ impl CudaLlama {
         self.lane_gemm = kind;
         if let Some(o) = self.overlap.as_mut() {
             o.lane_gemm = kind;
-            let (compute_sms, _) = o.sm_split();
-            let compute = &o.lanes[0].gemm;
-            match o.executor {
-                StepExecutor::Overlapped {
-                    split: SmSplit::Shared,
-                    ..
-                } => {}
-                StepExecutor::Overlapped {
-                    split: SmSplit::GreenContexts,
-                    ..
-                } => {
-                    compute.set_persistent_ctas(if kind == LaneGemm::Persistent {
-                        compute_sms
-                    } else {
-                        0
-                    });
-                }
-                _ => compute.size_for_lane(compute_sms, kind)?,
-            }
+            o.size_compute_gemms()?;
         }
         Ok(())
     }
