@@ -47,21 +47,18 @@ fn bf16_to_f32(v: u16) -> f32 {
     f32::from_bits(u32::from(v) << 16)
 }
 
+/// A Llama-3-8B layer's GEMMs: (k, n, name) of `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+const LAYER_GEMMS: [(usize, usize, &str); 4] = [
+    (4096, 6144, "qkv"),
+    (4096, 4096, "o"),
+    (4096, 28672, "gate_up"),
+    (14336, 4096, "down"),
+];
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let mut one = CudaLlama::random(llama3_8b(1), 0, 1).expect("model");
-    let stream = one.stream().clone();
     let sms = one.sm_count();
-    let ptr = |s: &CudaSlice<u16>| {
-        let (p, _guard) = s.device_ptr(&stream);
-        p
-    };
-    let shapes = [
-        (4096, 6144, "qkv"),
-        (4096, 4096, "o"),
-        (4096, 28672, "gate_up"),
-        (14336, 4096, "down"),
-    ];
     if std::env::args().any(|a| a == "--invariance") {
         invariance(&one);
         return;
@@ -71,6 +68,41 @@ fn main() {
         println!("{}", json!({"sms": sms, "pairs": pairs}));
         return;
     }
+    let Some(rows) = gemm_table(&one, quick) else {
+        eprintln!("no persistent GEMM on this GPU (compute capability 9.0 only)");
+        return;
+    };
+    let device = one.device_name().unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &json!({"device": device, "sms": sms, "gemms": rows, "pairs": pairs})
+        )
+        .expect("json")
+    );
+}
+
+/// The largest |got - reference| over the largest |reference| (bf16 words).
+fn relative_error(got: &[u16], reference: &[u16]) -> f32 {
+    let (mut max_diff, mut max_ref) = (0.0f32, 0.0f32);
+    for (a, b) in got.iter().zip(reference) {
+        let (a, b) = (bf16_to_f32(*a), bf16_to_f32(*b));
+        max_diff = max_diff.max((a - b).abs());
+        max_ref = max_ref.max(b.abs());
+    }
+    max_diff / max_ref.max(1e-6)
+}
+
+/// Every layer GEMM at several row counts: cuBLAS and the persistent kernel on the whole GPU
+/// and on all but k SMs, the persistent output checked against cuBLAS's. `None` without the
+/// persistent kernel.
+fn gemm_table(one: &CudaLlama, quick: bool) -> Option<Vec<Value>> {
+    let stream = one.stream().clone();
+    let sms = one.sm_count();
+    let ptr = |s: &CudaSlice<u16>| {
+        let (p, _guard) = s.device_ptr(&stream);
+        p
+    };
     let ms: &[usize] = if quick {
         &[1024, 4096]
     } else {
@@ -78,8 +110,11 @@ fn main() {
     };
     let memory_sms: &[usize] = &[16, 32, 40];
     let g = one.gemm();
+    if !g.set_persistent_ctas(0) {
+        return None;
+    }
     let mut rows = Vec::new();
-    for &(k, n, name) in &shapes {
+    for &(k, n, name) in &LAYER_GEMMS {
         let w = random_bf16(&stream, n * k, 7);
         for &m in ms {
             let x = random_bf16(&stream, m * k, 11 + m as u64);
@@ -100,20 +135,11 @@ fn main() {
                 secs
             };
             let cublas_full = time(0, 0, ptr(&y_ref));
-            if !g.set_persistent_ctas(0) {
-                eprintln!("no persistent GEMM on this GPU (compute capability 9.0 only)");
-                return;
-            }
             let persistent_full = time(sms, 0, ptr(&y));
-            let reference = stream.clone_dtoh(&y_ref).expect("download");
-            let got = stream.clone_dtoh(&y).expect("download");
-            let (mut max_diff, mut max_ref) = (0.0f32, 0.0f32);
-            for (a, b) in got.iter().zip(&reference) {
-                let (a, b) = (bf16_to_f32(*a), bf16_to_f32(*b));
-                max_diff = max_diff.max((a - b).abs());
-                max_ref = max_ref.max(b.abs());
-            }
-            let rel_err = max_diff / max_ref.max(1e-6);
+            let rel_err = relative_error(
+                &stream.clone_dtoh(&y).expect("download"),
+                &stream.clone_dtoh(&y_ref).expect("download"),
+            );
             // bf16 rounding of an f32 sum differs by at most a few ulps of the output; more is
             // a broken kernel.
             assert!(
@@ -157,14 +183,7 @@ fn main() {
             }));
         }
     }
-    let device = one.device_name().unwrap_or_default();
-    println!(
-        "{}",
-        serde_json::to_string_pretty(
-            &json!({"device": device, "sms": sms, "gemms": rows, "pairs": pairs})
-        )
-        .expect("json")
-    );
+    Some(rows)
 }
 
 /// The lanes side by side: one layer's four GEMMs for `rows` tokens on the compute lane (cuBLAS
@@ -178,11 +197,10 @@ fn lane_pairs(one: &mut CudaLlama, quick: bool) -> Vec<Value> {
         let (p, _guard) = s.device_ptr(&stream);
         p
     };
-    let layer = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)];
-    let weights: Vec<CudaSlice<u16>> = layer
+    let weights: Vec<CudaSlice<u16>> = LAYER_GEMMS
         .iter()
         .enumerate()
-        .map(|(i, &(k, n))| random_bf16(&stream, n * k, 100 + i as u64))
+        .map(|(i, &(k, n, _))| random_bf16(&stream, n * k, 100 + i as u64))
         .collect();
     let ctxs = spread_contexts(256, 1024, 3072);
     let blocks = context_blocks(&ctxs, BLOCK);
@@ -201,7 +219,7 @@ fn lane_pairs(one: &mut CudaLlama, quick: bool) -> Vec<Value> {
         let wps: Vec<u64> = weights.iter().map(&ptr).collect();
         let layer_gemms = |g: &model::cuda::Gemm, times: usize| {
             for _ in 0..times {
-                for (&(k, n), &wp) in layer.iter().zip(&wps) {
+                for (&(k, n, _), &wp) in LAYER_GEMMS.iter().zip(&wps) {
                     g.bf16(yp, xp, wp, rows, k, n, false)?;
                 }
             }
@@ -316,11 +334,8 @@ fn invariance(one: &CudaLlama) {
         p
     };
     let tiles = [(128, 256), (128, 128), (64, 256), (64, 32)];
-    for (k, n, name) in [
-        (4096, 6144, "qkv"),
-        (4096, 4096, "o"),
-        (14336, 4096, "down"),
-    ] {
+    // (gate_up's 235 MB of weights would test nothing qkv and o do not.)
+    for (k, n, name) in LAYER_GEMMS.into_iter().filter(|g| g.2 != "gate_up") {
         let w = random_bf16(&stream, n * k, 3);
         let x = random_bf16(&stream, 600 * k, 4);
         let run = |m: usize, tile: Option<(usize, usize)>| {
