@@ -222,6 +222,50 @@ pub fn engine_rows(runs: &[(&str, &Path)]) -> Result<Vec<GpuRow>> {
     Ok(rows)
 }
 
+/// Issue 17's runs of the paper's traces (`engine/h200-paper-traces.json`): each run's
+/// tokens/s over DFS's with the sequential executor in the same device call and trace.
+/// Categories name the trace, the executor and, for call D, that the length-sample phase's
+/// prefixes were kept for the main phase (`*`); call B ran 2,000 requests.
+pub fn paper_trace_rows(path: &Path) -> Result<Vec<GpuRow>> {
+    let v = read_json(path)?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: not a list of runs", path.display()))?;
+    let text = |r: &Value, key: &str| -> Result<String> {
+        Ok(field(r, key, path)?.as_str().unwrap_or("?").to_string())
+    };
+    let mut rows = Vec::new();
+    for run in list.iter().filter(|r| r.get("error").is_none()) {
+        let (trace, call) = (text(run, "trace")?, text(run, "call")?);
+        let executor = text(run, "step_executor")?;
+        let dfs = list
+            .iter()
+            .find(|r| {
+                r.get("error").is_none()
+                    && text(r, "trace").ok() == Some(trace.clone())
+                    && text(r, "call").ok() == Some(call.clone())
+                    && text(r, "policy").ok().as_deref() == Some("dfs")
+                    && text(r, "step_executor").ok().as_deref() == Some("sequential")
+            })
+            .ok_or_else(|| anyhow!("{}: no DFS run for {trace} in {call}", path.display()))?;
+        let short = if executor == "sequential" {
+            "seq"
+        } else {
+            "overlap"
+        };
+        let size = if call == "B" { " 2k" } else { "" };
+        let kept = if call == "D" { "*" } else { "" };
+        rows.push(GpuRow {
+            figure: "gpu-h200-paper-traces",
+            category: format!("{trace}{size} {short}{kept}"),
+            series: text(run, "policy")?,
+            value: number(run, "tokens_per_sec", path)? / number(dfs, "tokens_per_sec", path)?,
+            unit: "speed-up over DFS, sequential",
+        });
+    }
+    Ok(rows)
+}
+
 /// Every GPU figure from the measurements under `gpu_dir`, into `out_dir`.
 /// Issue 16's step grid (`overlap/h200-step-gain.json`): speed-up over sequential against the
 /// planner's attention / GEMM time, one line per decode context for `overlap-auto` and one
@@ -349,6 +393,13 @@ pub fn figures(gpu_dir: &Path, out_dir: &Path) -> Result<()> {
     )?;
     write(
         out_dir,
+        "gpu-h200-paper-traces",
+        "blendserve run, H200, paper traces (1,000 requests; * sample phase's prefixes kept)",
+        "tokens/s over DFS, sequential",
+        &paper_trace_rows(&gpu_dir.join("engine/h200-paper-traces.json"))?,
+    )?;
+    write(
+        out_dir,
         "gpu-step-executors",
         "Overlapped step executors vs sequential (prefill tokens + decodes)",
         "speed-up over sequential",
@@ -414,7 +465,14 @@ mod tests {
         assert!(engine.iter().any(|r| r.category.ends_with("overlap")));
         let dir = tempfile::tempdir().expect("tempdir");
         figures(&gpu, dir.path()).expect("figures");
-        for name in ["gpu-prefill-attention", "gpu-engine"] {
+        let traces = paper_trace_rows(&gpu.join("engine/h200-paper-traces.json")).expect("traces");
+        assert_eq!(traces.len(), 27);
+        assert!(traces.iter().all(|r| r.value > 0.8 && r.value < 1.25));
+        for name in [
+            "gpu-prefill-attention",
+            "gpu-engine",
+            "gpu-h200-paper-traces",
+        ] {
             assert!(dir.path().join(format!("{name}.svg")).exists());
             assert!(dir.path().join(format!("{name}.csv")).exists());
         }

@@ -15,7 +15,7 @@ mod probe;
 
 use std::time::Instant;
 
-use kv_cache::{KvCacheConfig, KvUsage, SeqId};
+use kv_cache::{KvCacheConfig, KvCacheManager, KvUsage, SeqId};
 use model::{
     ForwardBatch, ModelError, Sampler, SamplingParams, SequenceChunk, StepModel, StopCriteria,
     StopReason,
@@ -260,6 +260,7 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
         totals: EngineStats::default(),
         config,
         perf,
+        kv_cache: None,
     };
     match config.lengths {
         LengthKnowledge::MaxTokens => {
@@ -330,6 +331,8 @@ struct Run<'a> {
     totals: EngineStats,
     config: &'a EngineConfig,
     perf: &'a scheduler::PerfModel,
+    /// The last phase's KV cache manager, for the next phase to go on from.
+    kv_cache: Option<KvCacheManager>,
 }
 
 impl Run<'_> {
@@ -405,6 +408,11 @@ impl Run<'_> {
             },
             Some(perf.clone()),
         )?;
+        // An earlier phase's cached prefixes stay usable: the device cache is the same. Its
+        // requests' outputs were named by their indices in it, below `requests.len()`.
+        if let Some(previous) = self.kv_cache.take() {
+            sched.continue_cache(previous, requests.len() as u64)?;
+        }
         // The scheduler's counters of earlier phases.
         let before = self.totals.scheduler;
         // Why each of this phase's requests ends, set when its last token is sampled.
@@ -527,6 +535,7 @@ impl Run<'_> {
         }
         self.totals.scheduler = before;
         self.totals.scheduler += sched.stats();
+        self.kv_cache = Some(sched.into_kv_cache());
         Ok(())
     }
 }

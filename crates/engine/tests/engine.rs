@@ -278,3 +278,48 @@ fn trace_lengths_text_stops_and_known_lengths() {
     let err = generate(&mut model, &reqs, &config, &perf(), &mut |_: Generation| {}).unwrap_err();
     assert!(err.to_string().contains("request 4"), "{err}");
 }
+
+#[test]
+fn the_length_sample_phase_leaves_its_prefixes_cached_for_the_main_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec::default();
+    write_tiny_model(dir.path(), &spec).unwrap();
+    let mut model =
+        BurnStepModel::new(LlamaModel::<B>::load(dir.path(), &Default::default()).unwrap());
+    let reqs = requests(spec.vocab_size() as u32);
+    let hits = |model: &mut BurnStepModel<B>, lengths| {
+        let config = EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 32,
+                block_tokens: 4,
+                max_running: 8,
+                ..SchedulerConfig::default()
+            },
+            policy: PolicyKind::parse("blendserve").unwrap(),
+            num_kv_blocks: 400,
+            seed: 1,
+            lengths,
+        };
+        let stats = generate(model, &reqs, &config, &perf(), &mut |_: Generation| {}).unwrap();
+        assert_eq!(stats.ended, reqs.len() as u64);
+        stats.scheduler
+    };
+    let one_phase = hits(&mut model, LengthKnowledge::MaxTokens);
+    let sampled = hits(
+        &mut model,
+        LengthKnowledge::Sampled {
+            fraction: 0.25,
+            min_samples: 4,
+            min_node_samples: 1,
+        },
+    );
+    assert_eq!(sampled.prefix_lookup_tokens, one_phase.prefix_lookup_tokens);
+    // Each of the three shared system prompts is computed once, in whichever phase first
+    // needs it, as in a run of one phase.
+    assert!(
+        sampled.prefix_hit_tokens >= one_phase.prefix_hit_tokens,
+        "sampled {} hit tokens, one phase {}",
+        sampled.prefix_hit_tokens,
+        one_phase.prefix_hit_tokens
+    );
+}

@@ -14,6 +14,7 @@ use prefix_tree::{Demand, RequestIndex};
 use serde::Serialize;
 use workload::{Namespace, Workload};
 
+use crate::pace::{CriticalPath, RunningRest};
 use crate::perf::{PerfModel, StepCost};
 use crate::policy::{BatchView, Policy};
 use crate::SchedulerError;
@@ -26,16 +27,21 @@ struct StepBudget {
     /// Prefill tokens still owed to the step's minimum (balanced and paced modes: the minimum,
     /// or the policy's pace when larger).
     min_prefill_left: u64,
+    /// Compute seconds the balanced and paced modes let the step reach whatever its memory
+    /// time ([`CriticalPath`]).
+    compute_floor_secs: f64,
     cost: StepCost,
 }
 
 impl StepBudget {
-    /// `pace_tokens`: the policy's prefill pace, read in paced mode.
+    /// `pace_tokens`: the policy's prefill pace, read in paced mode; `compute_floor_secs`, read
+    /// in balanced and paced modes.
     fn new(
         max_batch_tokens: u64,
         mode: TokenBudget,
         perf: Option<&PerfModel>,
         pace_tokens: Option<u64>,
+        compute_floor_secs: f64,
     ) -> Self {
         let min_prefill_left = match mode {
             TokenBudget::Balanced {
@@ -50,6 +56,7 @@ impl StepBudget {
             tokens_left: max_batch_tokens,
             mode,
             min_prefill_left,
+            compute_floor_secs,
             cost: perf.map_or_else(StepCost::default, PerfModel::step_base_cost),
         }
     }
@@ -66,7 +73,8 @@ impl StepBudget {
             return hard;
         };
         let t = perf.time(&self.cost);
-        let room = target_density * t.memory_secs - t.compute_secs;
+        let target_secs = (target_density * t.memory_secs).max(self.compute_floor_secs);
+        let room = target_secs - t.compute_secs;
         let balanced = perf.prefill_tokens_for_compute(start, room);
         let granted = hard.min(balanced.max(self.min_prefill_left));
         self.min_prefill_left = self.min_prefill_left.saturating_sub(granted);
@@ -90,7 +98,9 @@ pub enum TokenBudget {
     Fixed,
     /// Prefill chunks sized so the step's compute time is `target_density` times its memory
     /// time (decodes' KV reads plus the weights), never more than `max_batch_tokens` in all and
-    /// never fewer than `min_prefill_tokens` when prefill work waits. Needs a performance model.
+    /// never fewer than `min_prefill_tokens` when prefill work waits, and never throttled below
+    /// the critical path's pace (the compute not admitted yet over the steps the longest decode
+    /// to come needs: `pace.rs`). Needs a performance model.
     Balanced {
         target_density: f64,
         min_prefill_tokens: u32,
@@ -337,6 +347,7 @@ pub struct Scheduler<'w> {
     preempted: VecDeque<RequestIndex>,
     pending: Option<RequestIndex>,
     running_demand: Demand,
+    critical_path: CriticalPath,
     /// Estimated output tokens of each request (what the scheduler may know).
     estimated_output: Vec<u32>,
     /// Over running sequences: estimated output tokens, and tokens generated so far.
@@ -347,6 +358,8 @@ pub struct Scheduler<'w> {
     running_slots: u64,
     reserve_ratio: f64,
     rejections: Vec<(RequestIndex, Rejection)>,
+    /// Added to a request's index to name its output tokens' content in block hashes.
+    output_id_base: u64,
     unfinished: usize,
     stats: SchedulerStats,
 }
@@ -422,6 +435,12 @@ impl<'w> Scheduler<'w> {
             })
             .collect();
         let unfinished = workload.len() - rejections.len();
+        let critical_path = CriticalPath::new(
+            seqs.iter()
+                .enumerate()
+                .filter(|(_, s)| s.phase == Phase::Waiting)
+                .map(|(r, _)| (r as RequestIndex, demand[r], estimated_output[r])),
+        );
         let stats = SchedulerStats {
             rejected: rejections.len() as u64,
             ..SchedulerStats::default()
@@ -442,6 +461,7 @@ impl<'w> Scheduler<'w> {
             preempted: VecDeque::new(),
             pending: None,
             running_demand: Demand::ZERO,
+            critical_path,
             estimated_output,
             running_estimated_output: 0,
             running_generated: 0,
@@ -449,6 +469,7 @@ impl<'w> Scheduler<'w> {
             running_slots: 0,
             reserve_ratio: reserve_ratio_init,
             rejections,
+            output_id_base: 0,
             unfinished,
             stats,
         };
@@ -482,6 +503,48 @@ impl<'w> Scheduler<'w> {
 
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
+    }
+
+    /// The KV cache manager, for a later scheduler over the same device cache
+    /// ([`Scheduler::continue_cache`]).
+    pub fn into_kv_cache(self) -> KvCacheManager {
+        self.kv
+    }
+
+    /// Starts from `previous`, an earlier scheduler's cache over the same device blocks (a run
+    /// in phases: its cached prefixes stay reusable), instead of an empty one. Output tokens
+    /// are then named from `output_id_base` on, which must not overlap the earlier phases'
+    /// (their indices), so that the outputs of two requests are never taken for each other.
+    /// Refused once this scheduler has admitted anything, or where the caches differ in
+    /// shape or still hold sequences.
+    pub fn continue_cache(
+        &mut self,
+        previous: KvCacheManager,
+        output_id_base: u64,
+    ) -> Result<(), SchedulerError> {
+        let (mine, theirs) = (self.kv.config(), previous.config());
+        if mine.num_blocks != theirs.num_blocks
+            || mine.block_tokens != theirs.block_tokens
+            || mine.enable_prefix_caching != theirs.enable_prefix_caching
+        {
+            return Err(SchedulerError::Config(format!(
+                "an earlier phase's KV cache differs: {} blocks of {} tokens, not {} of {}",
+                theirs.num_blocks, theirs.block_tokens, mine.num_blocks, mine.block_tokens
+            )));
+        }
+        if previous.usage().used_blocks != 0 {
+            return Err(SchedulerError::Config(
+                "an earlier phase's KV cache still holds sequences".into(),
+            ));
+        }
+        if self.stats.admitted != 0 {
+            return Err(SchedulerError::Config(
+                "a scheduler can take over a cache only before it admits".into(),
+            ));
+        }
+        self.kv = previous;
+        self.output_id_base = output_id_base;
+        Ok(())
     }
 
     pub fn running(&self) -> &[RequestIndex] {
@@ -540,11 +603,16 @@ impl<'w> Scheduler<'w> {
             TokenBudget::Paced { .. } => self.policy.prefill_pace_tokens(&self.view()),
             _ => None,
         };
+        let compute_floor_secs = match mode {
+            TokenBudget::Balanced { .. } | TokenBudget::Paced { .. } => self.compute_floor_secs(),
+            _ => 0.0,
+        };
         let mut budget = StepBudget::new(
             u64::from(self.config.max_batch_tokens),
             mode,
             self.perf.as_ref(),
             pace,
+            compute_floor_secs,
         );
         let c = &self.config;
         let decay =
@@ -694,6 +762,38 @@ impl<'w> Scheduler<'w> {
         (tokens / f64::from(self.config.block_tokens)).ceil() as u32
     }
 
+    /// The critical path's floor on this step's compute ([`CriticalPath`]).
+    fn compute_floor_secs(&mut self) -> f64 {
+        let Some(perf) = self.perf.as_ref() else {
+            return 0.0;
+        };
+        // Only where the power limit holds a balanced step (a second of compute beside a second
+        // of memory traffic needs more than a second of energy): there throttled prefill saves
+        // no time and each extra step pays the weights' pass again. Without the limit the
+        // balance point is what overlap is for (and the floor, priced on estimates, cost
+        // 4-15% on 100,000 requests of the paper's traces on `a100-80g`).
+        let h = &perf.hardware;
+        if h.power_floor_secs(h.effective_flops(), h.effective_bytes_per_sec()) <= 1.0 {
+            return 0.0;
+        }
+        let mut rest = RunningRest::default();
+        for &r in &self.running {
+            let s = &self.seqs[r as usize];
+            let to_go = self.estimated_output[r as usize].saturating_sub(s.generated);
+            rest.longest_output_tokens = rest.longest_output_tokens.max(to_go);
+            let kv_bytes = perf
+                .decode_cost(s.known_tokens, u64::from(to_go) + 1)
+                .decode_kv_bytes;
+            rest.kv_secs += kv_bytes / perf.hardware.effective_bytes_per_sec();
+        }
+        let capacity_tokens = self.view().kv_capacity_tokens as f64;
+        let full_step_kv_secs = capacity_tokens * perf.model.kv_bytes_per_token() as f64
+            / perf.hardware.effective_bytes_per_sec();
+        let seqs = &self.seqs;
+        self.critical_path
+            .compute_floor_secs(rest, full_step_kv_secs, |r| seqs[r as usize].admitted_once)
+    }
+
     fn next_candidate(&mut self) -> Option<RequestIndex> {
         if let Some(r) = self.pending.take() {
             return Some(r);
@@ -766,6 +866,7 @@ impl<'w> Scheduler<'w> {
             }
             if !s.admitted_once {
                 s.admitted_once = true;
+                self.critical_path.admitted(self.demand[r as usize]);
                 self.stats.admitted += 1;
                 self.stats.prefix_lookup_tokens += s.prompt_tokens;
                 self.stats.prefix_hit_tokens += cached.min(s.prompt_tokens);
@@ -827,7 +928,7 @@ impl<'w> Scheduler<'w> {
                 continue;
             }
             hasher.push(
-                Namespace::Output.id(u64::from(r)),
+                Namespace::Output.id(self.output_id_base + u64::from(r)),
                 u64::from(s.generated),
                 1,
             );

@@ -14,6 +14,7 @@ mod batch;
 mod bound;
 pub mod calibrate;
 pub mod config;
+mod pace;
 pub mod perf;
 pub mod policy;
 mod prepare;

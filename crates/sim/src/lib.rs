@@ -399,6 +399,11 @@ impl<'w> Simulation<'w> {
             },
             Some(self.perf.clone()),
         )?;
+        // As the engine does: an earlier phase's cached prefixes stay usable, its outputs named
+        // below the whole workload's size.
+        if let Some(previous) = acc.kv_cache.take() {
+            scheduler.continue_cache(previous, self.workload.len() as u64)?;
+        }
         let total = self.workload.len() as u64;
         acc.token_budget.get_or_insert(scheduler.token_budget());
         let before = acc.stats;
@@ -455,6 +460,7 @@ impl<'w> Simulation<'w> {
                 .iter()
                 .map(|(r, why)| (indices[*r as usize] as RequestIndex, why.clone())),
         );
+        acc.kv_cache = Some(scheduler.into_kv_cache());
         Ok(())
     }
 }
@@ -472,4 +478,6 @@ struct PhaseTotals {
     rejections: Vec<(RequestIndex, Rejection)>,
     token_budget: Option<TokenBudget>,
     policy_build_secs: f64,
+    /// The last phase's KV cache, for the next phase to go on from.
+    kv_cache: Option<kv_cache::KvCacheManager>,
 }
