@@ -3,7 +3,7 @@
 `shared/tools/persistent_gemm_probe.py` keep its 1.24-1.38x when every phase lasts long enough
 for the board's power limiter (>= 0.5 s), and against which baseline?
 
-Same two kernels as the probe (a plain persistent Triton matmul on 132 - k programs; a 16-byte
+Same two kernels as the probe (the read from `power_probe.py`; a plain persistent Triton matmul on 132 - k programs; a 16-byte
 `ld.global.nc` streaming read holding exactly k SMs on a high-priority stream). Each phase is
 repeated until it lasts ~`--phase-secs`; printed: the whole-GPU Triton GEMM, the whole-GPU cuBLAS
 GEMM of the same shape, the whole-GPU read, and the pair, all sustained, with `phase NAME at T`
@@ -15,13 +15,15 @@ usage: python3 triton_pair_sustained.py [--phase-secs 0.6] [--ms 2048,4096] [--k
 import argparse
 import json
 import os
-import sys
 import time
 
 import cupy as cp
 import torch
 import triton
 import triton.language as tl
+
+# The streaming-read kernel and the phase markers `clock_phases.py` reads.
+from power_probe import READ, phase
 
 
 @triton.jit
@@ -52,29 +54,6 @@ def mm_persistent(a_ptr, w_ptr, c_ptr, M, N, K,
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.bfloat16))
-
-
-READ = r'''
-extern "C" __global__ void __launch_bounds__(1024, 1) read_stream(const uint4* __restrict__ src, unsigned long long n, unsigned int* out) {
-  const int U = 8;
-  unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-  const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-  unsigned int acc = 0;
-  for (; i + (U - 1) * stride < n; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; u++)
-      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(src + i + u * stride));
-#pragma unroll
-    for (int u = 0; u < U; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  if (acc == 0x9e3779b9u) out[0] = acc;
-}
-'''
-
-
-def phase(name):
-    print(f"phase {name} at {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 def timed(fn):
