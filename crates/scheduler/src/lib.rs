@@ -12,6 +12,7 @@
 
 mod batch;
 mod bound;
+mod budget;
 pub mod calibrate;
 pub mod config;
 mod pace;
@@ -22,9 +23,10 @@ pub mod shard;
 
 pub use batch::{
     FinishReason, Finished, Rejection, RequestEstimates, ScheduledItem, Scheduler, SchedulerConfig,
-    SchedulerStats, StepPlan, TokenBudget,
+    SchedulerStats, StepPlan,
 };
 pub use bound::{optimal_bound, OptimalBound};
+pub use budget::TokenBudget;
 pub use config::{HardwareConfig, ModelConfig, OverrideFile};
 pub use perf::{Executor, PerfModel, StepCost, StepTime};
 pub use policy::{BatchView, Policy, PolicyInput, PolicyKind};
