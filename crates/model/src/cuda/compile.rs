@@ -12,6 +12,8 @@ pub(super) const KERNELS_SRC: &str = concat!(
     "\n",
     include_str!("kernels/paged_kv.cuh"),
     "\n",
+    include_str!("kernels/hopper.cuh"),
+    "\n",
     include_str!("kernels/elementwise.cu"),
     "\n",
     include_str!("kernels/decode_attention.cu"),
