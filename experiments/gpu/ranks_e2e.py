@@ -1,7 +1,8 @@
 """Issue 18 on one GPU: a workload run whole, then as 2 data-parallel ranks one after the other
 on the same GPU (`run --rank K --ranks 2`), merged; each run beside the calibrated simulator's
-prediction of it (`--predict`). Writes ranks_e2e.json: the times, the predictions and how many
-result lines are identical to the single run's (`created` aside).
+prediction of it (`--predict`). With `--shardings a,b`, the ranks run once per sharding (the
+single run once). Writes ranks_e2e.json: the times, the predictions and how many result lines
+are identical to the single run's (`created` aside).
 
     python3 experiments/gpu/ranks_e2e.py --binary target/device/blendserve \
         --workload target/device/blend-mooncake-conv.jsonl --out $OUT \
@@ -51,32 +52,48 @@ def main():
     ap.add_argument("--workload", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--shardings", default="blendserve",
+                    help="comma list of `run --sharding` values, each run as its own set of ranks")
     ap.add_argument("--extra", default="")
     ap.add_argument("--timeout", type=int, default=300)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model_dir = write_model_dir(args.out)
     single_out, single = run(args, model_dir, "single", [])
-    rows, outs = [], []
-    for k in range(args.ranks):
-        out, r = run(args, model_dir, f"rank-{k}", ["--rank", str(k), "--ranks", str(args.ranks)])
-        rows.append(r)
-        outs.append(out)
-    merged = os.path.join(args.out, "merged.jsonl")
-    subprocess.run([args.binary, "merge", *outs, "--input", args.workload, "--out", merged],
-                   check=True)
-    a, b = lines(single_out), lines(merged)
-    same = sum(1 for k, v in a.items() if b.get(k) == v)
-    summary = {"single": single, "ranks": rows, "lines": len(a), "merged_lines": len(b),
-               "identical_lines": same}
+    summary = {"single": single, "lines": 0, "shardings": {}}
+    a = lines(single_out)
+    summary["lines"] = len(a)
+    for sharding in args.shardings.split(","):
+        rows, outs = [], []
+        for k in range(args.ranks):
+            out, r = run(args, model_dir, f"{sharding}-rank-{k}",
+                         ["--rank", str(k), "--ranks", str(args.ranks), "--sharding", sharding])
+            rows.append(r)
+            outs.append(out)
+        merged = os.path.join(args.out, f"merged-{sharding}.jsonl")
+        subprocess.run([args.binary, "merge", *outs, "--input", args.workload, "--out", merged],
+                       check=True)
+        b = lines(merged)
+        same = sum(1 for k, v in a.items() if b.get(k) == v)
+        summary["shardings"][sharding] = {
+            "ranks": rows, "merged_lines": len(b), "identical_lines": same,
+            "makespan_secs": max(r["elapsed_secs"] for r in rows),
+            "predicted_makespan_secs": max(r["predicted_secs"] for r in rows)}
+        for f in [merged, *outs]:
+            os.remove(f)
     json.dump(summary, open(os.path.join(args.out, "ranks_e2e.json"), "w"), indent=1)
-    for r in [single] + rows:
-        print(f"{r['name']:8} {r['requests']:5} requests  {r['elapsed_secs']:7.2f} s  predicted "
+    rows = [single] + [r for v in summary["shardings"].values() for r in v["ranks"]]
+    for r in rows:
+        print(f"{r['name']:24} {r['requests']:5} requests  {r['elapsed_secs']:7.2f} s  predicted "
               f"{r['predicted_secs']:7.2f} s ({r['predicted_secs'] / r['elapsed_secs']:.3f})  "
               f"hits {100 * r['prefix_hit_ratio']:.1f}%")
-    print(f"merged {len(b)} of {len(a)} lines; identical to the single run: {same}")
-    for f in [single_out, *outs]:
-        os.remove(f)
+    for name, v in summary["shardings"].items():
+        print(f"{name}: ranks one after another; side by side {v['makespan_secs']:.2f} s "
+              f"(predicted {v['predicted_makespan_secs']:.2f} s), "
+              f"{single['elapsed_secs'] / v['makespan_secs']:.2f}x over the single run; merged "
+              f"{v['merged_lines']} of {len(a)} lines, identical to the single run: "
+              f"{v['identical_lines']}")
+    os.remove(single_out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 //! Data-parallel scaling in the simulator (issue 18): the paper's traces #1-#4 cut into 1-8
-//! ranks by BlendServe's sharding (one tree, snake-dealt segments) and by round-robin, each rank
-//! a replica of the same GPU running the BlendServe policy; makespan is the slowest rank's.
+//! ranks by BlendServe's sharding (one tree, snake-dealt segments, long outputs gathered on the
+//! ranks the cost model picks), by the same without gathering (`blendserve-spread`, the CSV's
+//! ablation) and by round-robin, each rank a replica of the same GPU running the BlendServe
+//! policy; makespan is the slowest rank's.
 
 use anyhow::Result;
 use scheduler::{LengthKnowledge, PolicyKind, Sharding};
@@ -15,6 +17,11 @@ use crate::Lab;
 const HARDWARE: &str = "h200";
 const EXECUTOR: &str = "max";
 const RANKS: [usize; 4] = [1, 2, 4, 8];
+/// The tree cut without gathering the long outputs: the CSV's ablation (not drawn).
+const SPREAD: Sharding = Sharding::BlendServe {
+    segments_per_rank: Sharding::DEFAULT_SEGMENTS_PER_RANK,
+    gather_long: false,
+};
 
 pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
     let azure = azure(lab)?;
@@ -29,7 +36,7 @@ pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
         let single = Simulation::new(&w.workload, config.clone())?;
         let kind = PolicyKind::parse("blendserve")?;
         let report = single.run("blendserve", &kind, &mut |_, _| {})?;
-        for sharding in [Sharding::default(), Sharding::RoundRobin] {
+        for sharding in [Sharding::default(), SPREAD, Sharding::RoundRobin] {
             for n in RANKS {
                 let r = simulate_ranks(
                     &w.workload,
@@ -52,8 +59,13 @@ pub fn ranks(lab: &Lab, requests: usize) -> Result<()> {
     }
     println!("wrote {}", lab.write_csv("ranks", &rows)?.display());
     let mut series: Vec<Series> = Vec::new();
-    for r in &rows {
-        let name = format!("{}, {}", r.workload, r.sharding);
+    for r in rows.iter().filter(|r| r.sharding != SPREAD.to_string()) {
+        let cut = if r.sharding == "round-robin" {
+            "round-robin"
+        } else {
+            "BlendServe tree cut"
+        };
+        let name = format!("{}, {cut}", r.workload);
         match series.iter_mut().find(|s| s.name == name) {
             Some(s) => s.points.push((r.ranks as f64, r.speedup)),
             None => series.push(Series {

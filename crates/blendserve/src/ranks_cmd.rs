@@ -18,14 +18,14 @@ use crate::run_cmd::{is_openai_batch, load_entries, perf_model, Entry, ModelInfo
 
 /// The requests of `workload` (in input order) each of `ranks` ranks runs, cut by `sharding`
 /// (priced by `perf`; output lengths as the scheduler will know them: the recorded ones when
-/// `known_lengths`, else `max_tokens`).
+/// `known_lengths`, else `max_tokens`; `max_batch_tokens` as the run's).
 pub fn cut_ranks(
     workload: &Workload,
     perf: &PerfModel,
     known_lengths: bool,
     seed: u64,
     ranks: usize,
-    sharding: Sharding,
+    (sharding, max_batch_tokens): (Sharding, u32),
 ) -> Vec<Vec<RequestIndex>> {
     let lengths = if known_lengths {
         LengthKnowledge::Known
@@ -36,6 +36,8 @@ pub fn cut_ranks(
         &Preparation::new(workload, perf, lengths, seed),
         ranks,
         sharding,
+        perf,
+        max_batch_tokens,
     )
 }
 
@@ -343,6 +345,8 @@ struct Manifest {
     predicted_secs: f64,
     /// Prompt tokens the ranks' prefix caches can save, over what one rank's could.
     sharing_kept: f64,
+    /// Cuts the simulator tried after the first (0: the first cut, as `run --rank` makes it).
+    rebalancing_passes: usize,
     per_rank: Vec<PlannedRank>,
 }
 
@@ -363,17 +367,21 @@ fn predict(workload: &Workload, perf: &PerfModel, policy: &str) -> Result<(f64, 
 
 /// Writes `plan`'s shard files and manifest (see `run_cmd::plan`): rank k's file is the input
 /// with every line not of rank k blanked.
-#[allow(clippy::too_many_arguments)]
-pub fn write_plan(
+fn write_plan(
     dir: &Path,
     text: &str,
     line_rank: &HashMap<usize, usize>,
-    sharding: &Sharding,
-    workload: &Workload,
-    shards: &[Vec<RequestIndex>],
-    perf: &PerfModel,
+    cut: &EntryRanks,
     policy: &str,
 ) -> Result<()> {
+    let EntryRanks {
+        sharding,
+        workload,
+        shards,
+        perf,
+        rebalancing_passes,
+        ..
+    } = cut;
     let ranks = shards.len();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut per_rank = Vec::with_capacity(ranks);
@@ -411,6 +419,7 @@ pub fn write_plan(
             .iter()
             .map(|r| r.predicted_secs)
             .fold(0.0, f64::max),
+        rebalancing_passes: *rebalancing_passes,
         sharing_kept: if shared > 0.0 {
             per_rank.iter().map(|r| r.shared_prompt_tokens).sum::<f64>() / shared
         } else {
@@ -469,23 +478,15 @@ pub fn plan(args: &RunArgs) -> Result<()> {
     };
     let info = ModelInfo::load(&model_dir)?;
     let entries = load_entries(args, &info)?;
-    let cut = EntryRanks::new(&entries, args, &info, ranks)?;
+    let mut cut = EntryRanks::new(&entries, args, &info, ranks)?;
+    cut.rebalance(&args.policy)?;
     // Each input line's rank: its job's, or rank 0 for a line refused up front.
     let line_rank: HashMap<usize, usize> = entries
         .iter()
         .zip(&cut.of_entry)
         .map(|(e, r)| (e.line(), r.unwrap_or(0)))
         .collect();
-    write_plan(
-        dir,
-        &text,
-        &line_rank,
-        &cut.sharding,
-        &cut.workload,
-        &cut.shards,
-        &cut.perf,
-        &args.policy,
-    )
+    write_plan(dir, &text, &line_rank, &cut, &args.policy)
 }
 
 /// With `--rank K --ranks N`, rank K's entries: its share of the jobs (cut from all of them,
@@ -523,6 +524,8 @@ struct EntryRanks {
     shards: Vec<Vec<RequestIndex>>,
     sharding: Sharding,
     perf: PerfModel,
+    /// Cuts simulated after the first ([`EntryRanks::rebalance`]).
+    rebalancing_passes: usize,
 }
 
 impl EntryRanks {
@@ -549,7 +552,7 @@ impl EntryRanks {
             args.assume_known_lengths,
             args.workload.seed,
             ranks,
-            sharding,
+            (sharding, args.scheduler.max_batch_tokens),
         );
         let mut rank_of = vec![0; workload.len()];
         for (rank, ids) in shards.iter().enumerate() {
@@ -568,6 +571,53 @@ impl EntryRanks {
             shards,
             sharding,
             perf,
+            rebalancing_passes: 0,
         })
+    }
+
+    /// The cut `plan` writes: BlendServe's sharding re-cut by the simulator's rebalancing
+    /// passes (`sim::ranks::simulate_ranks`, each rank simulated under `policy`), so the ranks'
+    /// predicted times come out even as `sim --ranks` reports them. `run --rank` keeps the
+    /// first cut: every rank must reach it alone without simulating the others.
+    fn rebalance(&mut self, policy: &str) -> Result<()> {
+        let ranks = self.shards.len();
+        if ranks < 2 || self.sharding == Sharding::RoundRobin || self.workload.is_empty() {
+            return Ok(());
+        }
+        let mut config = sim::SimConfig::new(
+            self.perf.model.clone(),
+            self.perf.hardware.clone(),
+            self.perf.executor,
+        );
+        config.lengths = LengthKnowledge::Known;
+        let single = sim::Simulation::new(&self.workload, config.clone())?;
+        let kind = scheduler::PolicyKind::parse(policy)?;
+        let report = single.run(policy, &kind, &mut |_, _| {})?;
+        let kept = sim::ranks::simulate_ranks(
+            &self.workload,
+            &single,
+            &report,
+            &config,
+            (policy, &kind),
+            ranks,
+            self.sharding,
+        )?;
+        if kept.shards.len() != ranks {
+            return Ok(());
+        }
+        let mut rank_of = vec![0; self.workload.len()];
+        for (rank, ids) in kept.shards.iter().enumerate() {
+            for &i in ids {
+                rank_of[i as usize] = rank;
+            }
+        }
+        // Jobs are the workload's requests in entry order.
+        let mut job_ranks = rank_of.into_iter();
+        for r in self.of_entry.iter_mut().flatten() {
+            *r = job_ranks.next().unwrap_or(0);
+        }
+        self.shards = kept.shards;
+        self.rebalancing_passes = kept.passes - 1;
+        Ok(())
     }
 }

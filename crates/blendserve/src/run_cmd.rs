@@ -143,8 +143,9 @@ pub struct RunArgs {
     /// / .timeline.csv); `--resume` resumes each.
     #[arg(long)]
     pub devices: Option<String>,
-    /// How the ranks are cut: blendserve (one prefix tree, snake-dealt equal-demand segments),
-    /// blendserve:SEGMENTS_PER_RANK, round-robin.
+    /// How the ranks are cut: blendserve (one prefix tree, snake-dealt equal-demand segments,
+    /// long outputs gathered on the ranks the cost model picks), blendserve-spread (without
+    /// gathering them), either with :SEGMENTS_PER_RANK, round-robin.
     #[arg(long, default_value = "blendserve")]
     pub sharding: String,
 }

@@ -59,8 +59,9 @@ pub struct SimArgs {
     /// 2,4,8), each rank a replica of the configured GPU, under each sharding.
     #[arg(long)]
     pub ranks: Option<String>,
-    /// Shardings for `--ranks`: blendserve (one tree cut into snake-dealt segments),
-    /// blendserve:SEGMENTS_PER_RANK, round-robin.
+    /// Shardings for `--ranks`: blendserve (one tree cut into snake-dealt segments, long outputs
+    /// gathered on the ranks the cost model picks), blendserve-spread (the same without gathering
+    /// them), either with :SEGMENTS_PER_RANK, round-robin.
     #[arg(long, default_value = "blendserve,round-robin")]
     pub sharding: String,
     /// CSV file for the `--ranks` results (one row per rank count, sharding, policy, executor).
@@ -286,6 +287,7 @@ fn print_ranks(rows: &[sim::ranks::RanksRow], csv_path: &std::path::Path) -> Res
         "speedup",
         "spread",
         "hits_kept",
+        "tail_ranks",
         "rank_s",
         "rank_%opt",
     ];
@@ -301,6 +303,7 @@ fn print_ranks(rows: &[sim::ranks::RanksRow], csv_path: &std::path::Path) -> Res
                 format!("{:.2}x", r.speedup),
                 format!("{:.1}%", 100.0 * r.spread),
                 format!("{:.1}%", 100.0 * r.prefix_hits_kept),
+                r.tail_ranks.to_string(),
                 r.rank_secs.clone(),
                 r.rank_percent_of_optimal.clone(),
             ]

@@ -388,6 +388,8 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
         .sum();
     assert_eq!(requests, prompts.len() as u64);
     assert!(manifest["sharing_kept"].as_f64().unwrap() > 0.0);
+    // BlendServe's cut is rebalanced by the simulator before it is written.
+    assert!(manifest["rebalancing_passes"].as_u64().unwrap() >= 1);
     let mut outputs = Vec::new();
     for rank in 0..3 {
         let out = dir.path().join(format!("shard-{rank}.jsonl"));

@@ -34,7 +34,7 @@ pub use prepare::{
     build_tree, choose_length_sample, estimate_from_samples, estimate_output_tokens,
     LengthKnowledge, Preparation,
 };
-pub use shard::{shard, shard_weighted, Sharding};
+pub use shard::{shard, RankCutter, Sharding};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
