@@ -182,6 +182,31 @@ fn native_workload_replays_recorded_lengths() {
     assert_eq!(usage(1)["completion_tokens"], 3);
     let ids = &lines[1]["response"]["body"]["choices"][0]["token_ids"];
     assert_eq!(ids.as_array().unwrap().len(), 3);
+    // A length declared known reaches the scheduler as is: BlendServe's sample phase runs only
+    // the other request.
+    std::fs::write(
+        &input,
+        "{\"id\": \"a\", \"prompt_tokens\": 40, \"output_tokens\": 7, \"max_tokens\": 64, \"output_known\": true}\n\
+         {\"id\": \"b\", \"prompt_token_ids\": [5, 6, 7, 8], \"output_tokens\": 3, \"max_tokens\": 64}\n",
+    )
+    .unwrap();
+    let report = dir.path().join("report.json");
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dir.path().join("known.jsonl").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["sample_requests"], 1, "{report}");
+    let lines = read_lines(&dir.path().join("known.jsonl"));
+    assert_eq!(
+        lines[0]["response"]["body"]["usage"]["completion_tokens"],
+        7
+    );
 }
 
 /// Results keyed by custom_id, without the wall-clock field.

@@ -55,6 +55,10 @@ pub struct GenerationRequest {
     /// produced EOS there. The scheduler does not see it (unless lengths are
     /// [`LengthKnowledge::Known`]).
     pub trace_output_tokens: Option<u32>,
+    /// `trace_output_tokens` is known before the run (a length the request fixes, as video
+    /// generation's frames do): every length mode gives it to the scheduler as is, and the
+    /// length-sample phase neither runs it nor learns from it (the simulator's rule).
+    pub output_known: bool,
 }
 
 impl GenerationRequest {
@@ -65,22 +69,29 @@ impl GenerationRequest {
         (self.trace_output_tokens == Some(generated)).then_some(GenerationEnd::TraceLength)
     }
 
-    /// The scheduler's view of this request, with `output_tokens` as its true length if known.
+    /// The scheduler's view of this request, with `output_tokens` as its true length if known
+    /// (a request whose length is [`GenerationRequest::output_known`] always carries it).
     pub fn scheduler_request(&self, output_tokens: Option<u32>) -> Request {
+        let known = self.declared_output_tokens();
         Request {
             id: self.id.clone(),
             prompt: self.prompt.iter().map(|&t| Chunk::token(t)).collect(),
             max_tokens: self.stop.max_tokens.max(1),
-            output_tokens,
-            output_known: false,
+            output_tokens: known.or(output_tokens),
+            output_known: known.is_some(),
             source: 0,
         }
     }
 
-    /// The output length when it is known before running.
+    /// The trace length, within `max_tokens` (what [`LengthKnowledge::Known`] tells).
     fn known_output_tokens(&self) -> Option<u32> {
         self.trace_output_tokens
             .map(|t| t.min(self.stop.max_tokens).max(1))
+    }
+
+    /// The length the request itself declares known before the run, if it does.
+    fn declared_output_tokens(&self) -> Option<u32> {
+        self.known_output_tokens().filter(|_| self.output_known)
     }
 }
 
@@ -264,7 +275,13 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
     };
     match config.lengths {
         LengthKnowledge::MaxTokens => {
-            let estimates = valid.iter().map(|&i| requests[i].stop.max_tokens).collect();
+            let estimates = valid
+                .iter()
+                .map(|&i| {
+                    let r = &requests[i];
+                    r.declared_output_tokens().unwrap_or(r.stop.max_tokens)
+                })
+                .collect();
             run.phase(model, observer, &valid, estimates, RunPhase::Main)?;
         }
         LengthKnowledge::Known => {
@@ -284,10 +301,17 @@ pub fn generate<M: StepModel + ?Sized, O: Observer + ?Sized>(
             min_node_samples,
         } => {
             let t0 = Instant::now();
+            // Requests of known length are no sample of the others (video lengths say nothing
+            // of chat answers beside them).
+            let unknown: Vec<usize> = valid
+                .iter()
+                .copied()
+                .filter(|&i| !requests[i].output_known)
+                .collect();
             let mut chosen: Vec<usize> =
-                scheduler::choose_length_sample(valid.len(), fraction, min_samples, config.seed)
+                scheduler::choose_length_sample(unknown.len(), fraction, min_samples, config.seed)
                     .into_iter()
-                    .map(|k| valid[k])
+                    .map(|k| unknown[k])
                     .collect();
             chosen.sort_unstable();
             let estimates = chosen

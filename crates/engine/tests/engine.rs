@@ -53,6 +53,7 @@ fn requests(vocab: u32) -> Vec<GenerationRequest> {
                     ignore_eos: false,
                 },
                 trace_output_tokens: None,
+                output_known: false,
             }
         })
         .collect()
@@ -262,6 +263,28 @@ fn trace_lengths_text_stops_and_known_lengths() {
                 assert_eq!((end, len), (GenerationEnd::TraceLength, 1 + i % 4), "{i}");
             }
         }
+    }
+    // Lengths declared known (video frames) are told as they are, and no sample runs them.
+    for r in reqs.iter_mut().step_by(2) {
+        r.output_known = true;
+    }
+    let sampled = LengthKnowledge::Sampled {
+        fraction: 1.0,
+        min_samples: 1,
+        min_node_samples: 1,
+    };
+    let config = small_engine(PolicyKind::parse("blendserve").unwrap(), sampled);
+    let mut rec = Recorder::new(99);
+    let stats = generate(&mut model, &reqs, &config, &perf(), &mut rec).unwrap();
+    assert_eq!(stats.sample_requests, (reqs.len() / 2) as u64);
+    assert_eq!(rec.ends.len(), reqs.len());
+    for &(i, end, len) in &rec.ends {
+        assert_eq!((end, len), (GenerationEnd::TraceLength, 1 + i % 4), "{i}");
+    }
+    let known = reqs[0].scheduler_request(None);
+    assert!(known.output_known && known.output_tokens == Some(1));
+    for r in &mut reqs {
+        r.output_known = false;
     }
     reqs[0].trace_output_tokens = Some(10);
     let config = small_engine(PolicyKind::Fcfs, LengthKnowledge::MaxTokens);

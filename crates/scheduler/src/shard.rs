@@ -114,7 +114,8 @@ pub fn shard(
 ///
 /// BlendServe's sharding also keeps the *long* requests (those whose estimated output alone
 /// outlasts the steps an even rank's tokens need, `ceil(tokens / ranks / max_batch_tokens)`)
-/// on as few ranks as their demand fills. Every rank pays one pass over the weights per step and
+/// on the number of ranks a small roofline model predicts finishes soonest (`TailModel`; with
+/// `gather_long: false`, on every rank). Every rank pays one pass over the weights per step and
 /// a rank holding a long request runs at least its output's steps, so spreading a few long
 /// outputs over all ranks makes every rank that long; gathered on `tail_ranks` ranks, the
 /// others finish their share in fewer, fuller steps. The rest is dealt in snake-ordered
