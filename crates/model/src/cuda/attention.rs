@@ -89,9 +89,9 @@ impl CudaLlama {
         &self,
     ) -> Result<[DecodeOccupancy; DECODE_OCCUPANCIES], ModelError> {
         use cudarc::driver::sys::{CUdevice_attribute as Dev, CUfunction_attribute as Func};
-        let (f, smem_bytes) = self.decode_function();
+        let (f, smem_bytes, threads) = self.decode_function();
         let occupancy = |smem: u32| {
-            f.occupancy_max_active_blocks_per_multiprocessor(128, smem as usize, None)
+            f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
                 .map(|b| b as usize)
                 .map_err(|e| cuda_err("decode kernel occupancy", e))
         };
@@ -133,15 +133,16 @@ impl CudaLlama {
         Ok(out)
     }
 
-    /// The current decode kernel for this model's KV group and head_dim, and its dynamic shared
-    /// memory (`set_decode_kernel` checked that the tensor-core kernel exists).
-    pub(super) fn decode_function(&self) -> (&CudaFunction, u32) {
+    /// The current decode kernel for this model's KV group and head_dim, its dynamic shared
+    /// memory and its threads a block (`set_decode_kernel` checked that the kernel exists).
+    pub(super) fn decode_function(&self) -> (&CudaFunction, u32, u32) {
         let c = &self.config;
         let (group, head_dim) = (c.num_heads / c.num_kv_heads, c.head_dim);
         match self.decode_kernel {
             DecodeKernel::Lanes => (
                 &self.kernels.decode[&(group, head_dim)],
                 decode_smem_bytes(group, head_dim) as u32,
+                DECODE_BLOCK_THREADS,
             ),
             DecodeKernel::Registers => (
                 self.kernels
@@ -149,13 +150,17 @@ impl CudaLlama {
                     .as_ref()
                     .expect("set_decode_kernel checked"),
                 0,
+                DECODE_BLOCK_THREADS,
             ),
-            DecodeKernel::TensorCores => {
-                (&self.kernels.decode_tc[&group], DECODE_TC_SMEM_BYTES as u32)
-            }
+            DecodeKernel::TensorCores => (
+                &self.kernels.decode_tc[&group],
+                DECODE_TC_SMEM_BYTES as u32,
+                DECODE_BLOCK_THREADS,
+            ),
             DecodeKernel::Stream(v) => (
                 &self.kernels.decode_stream[&(group, v)],
                 v.smem_bytes() as u32,
+                (v.warps * 32) as u32,
             ),
         }
     }
@@ -351,14 +356,14 @@ impl CudaLlama {
                 split,
             )?;
         } else if plan.decode_items > 0 && part != AttentionPart::Prefill {
-            let (f, _) = self.decode_function();
+            let (f, _, threads) = self.decode_function();
             let (split_i, max_splits_i) = (split_tokens as i32, max_splits as i32);
             launch_smem_on(
                 stream,
                 f,
                 // KV heads fastest: an item's blocks launch together, items in plan order.
                 (kv_heads as u32, plan.decode_items as u32, max_splits as u32),
-                128,
+                threads,
                 smem_bytes,
                 &[
                     Ptr(attn),

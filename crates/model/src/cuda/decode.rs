@@ -29,6 +29,9 @@ pub fn decode_smem_bytes(group: usize, head_dim: usize) -> usize {
     (2 * stage_bytes).max(4 * 8 * group * (head_dim + 2))
 }
 
+/// Threads a block of the split decode kernels (lanes, registers, tensor cores) launches with.
+pub(super) const DECODE_BLOCK_THREADS: u32 = 128;
+
 /// Dynamic shared memory of the tensor-core decode kernel: 4 warps x 2 stages x K, V x 16
 /// tokens x 136 (padded) bf16.
 pub(super) const DECODE_TC_SMEM_BYTES: usize = 4 * 2 * 2 * 16 * 136 * 2;

@@ -69,3 +69,31 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_by
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(src_bytes));
 }
+
+// The end of a flash-attention row pair in the m16n8 accumulator layout, shared by the prefill
+// kernels: sums each row's softmax denominator over its quad of lanes, divides the row pair's
+// D / 2 accumulators `acc` (4 a tile of 8 dims: row lo twice, then row hi twice) by it and
+// stores them as bf16 pairs at dims 8n + 2t of head `h` in rows `row_lo` / `row_hi` of `out`
+// (`out_width` wide), leaving out a row whose `*_ok` is false (past the chunk).
+template <int D>
+__device__ __forceinline__ void store_attention_rows(bf16_t* __restrict__ out, size_t out_width,
+                                                     int h, int t, int row_lo, int row_hi,
+                                                     bool lo_ok, bool hi_ok, const float* acc,
+                                                     float l_lo, float l_hi) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        int d = n * 8 + 2 * t;
+        if (lo_ok) {
+            u32* dst = (u32*)(out + (size_t)row_lo * out_width + (size_t)h * D + d);
+            *dst = pack_bf2(acc[4 * n + 0] / l_lo, acc[4 * n + 1] / l_lo);
+        }
+        if (hi_ok) {
+            u32* dst = (u32*)(out + (size_t)row_hi * out_width + (size_t)h * D + d);
+            *dst = pack_bf2(acc[4 * n + 2] / l_hi, acc[4 * n + 3] / l_hi);
+        }
+    }
+}

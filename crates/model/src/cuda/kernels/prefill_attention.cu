@@ -167,23 +167,8 @@ __device__ void paged_prefill_impl(bf16_t* __restrict__ out, const bf16_t* __res
     }
 
     // Row sums across the quad, normalise, write.
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const size_t out_width = (size_t)heads * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        int d = n * 8 + 2 * t;
-        if (pos_lo >= 0) {
-            u32* dst = (u32*)(out + (size_t)(row0 + r_lo) * out_width + (size_t)h * D + d);
-            *dst = pack_bf2(o[n][0] / l_lo, o[n][1] / l_lo);
-        }
-        if (pos_hi >= 0) {
-            u32* dst = (u32*)(out + (size_t)(row0 + r_hi) * out_width + (size_t)h * D + d);
-            *dst = pack_bf2(o[n][2] / l_hi, o[n][3] / l_hi);
-        }
-    }
+    store_attention_rows<D>(out, (size_t)heads * D, h, t, row0 + r_lo, row0 + r_hi, pos_lo >= 0,
+                            pos_hi >= 0, &o[0][0], l_lo, l_hi);
 }
 
 #define PREFILL_KERNEL(D)                                                                         \

@@ -355,27 +355,10 @@ __device__ void paged_prefill_wgmma_impl(bf16_t* __restrict__ out, const bf16_t*
         }
     }
 
-    const size_t out_width = (size_t)heads * D;
 #pragma unroll
     for (int j = 0; j < HPW; ++j) {
-        const int h = h0 + wg * HPW + j;
-        float sl = l_lo[j], sh = l_hi[j];
-        sl += __shfl_xor_sync(0xffffffffu, sl, 1);
-        sl += __shfl_xor_sync(0xffffffffu, sl, 2);
-        sh += __shfl_xor_sync(0xffffffffu, sh, 1);
-        sh += __shfl_xor_sync(0xffffffffu, sh, 2);
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            int d = n * 8 + 2 * t;
-            if (pos_lo >= 0) {
-                u32* dst = (u32*)(out + (size_t)(row0 + r_lo) * out_width + (size_t)h * D + d);
-                *dst = pack_bf2(o[j][4 * n + 0] / sl, o[j][4 * n + 1] / sl);
-            }
-            if (pos_hi >= 0) {
-                u32* dst = (u32*)(out + (size_t)(row0 + r_hi) * out_width + (size_t)h * D + d);
-                *dst = pack_bf2(o[j][4 * n + 2] / sh, o[j][4 * n + 3] / sh);
-            }
-        }
+        store_attention_rows<D>(out, (size_t)heads * D, h0 + wg * HPW + j, t, row0 + r_lo,
+                                row0 + r_hi, pos_lo >= 0, pos_hi >= 0, o[j], l_lo[j], l_hi[j]);
     }
 }
 
