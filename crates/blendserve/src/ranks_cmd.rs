@@ -499,7 +499,10 @@ pub(crate) fn keep_rank(
     let Some((rank, ranks)) = check_rank(args.rank, args.ranks)? else {
         return Ok(entries);
     };
-    let cut = EntryRanks::new(&entries, args, info, ranks)?;
+    let mut cut = EntryRanks::new(&entries, args, info, ranks)?;
+    if args.rebalance_ranks {
+        cut.rebalance(&args.policy)?;
+    }
     let jobs = cut.workload.len();
     let kept: Vec<Entry> = entries
         .into_iter()
@@ -508,8 +511,9 @@ pub(crate) fn keep_rank(
         .map(|(e, _)| e)
         .collect();
     tracing::info!(
-        "rank {rank} of {ranks} ({}): {} of {jobs} requests",
+        "rank {rank} of {ranks} ({}, {} rebalancing passes): {} of {jobs} requests",
         cut.sharding,
+        cut.rebalancing_passes,
         cut.of_entry.iter().filter(|r| **r == Some(rank)).count()
     );
     Ok(kept)
@@ -575,10 +579,10 @@ impl EntryRanks {
         })
     }
 
-    /// The cut `plan` writes: BlendServe's sharding re-cut by the simulator's rebalancing
-    /// passes (`sim::ranks::simulate_ranks`, each rank simulated under `policy`), so the ranks'
-    /// predicted times come out even as `sim --ranks` reports them. `run --rank` keeps the
-    /// first cut: every rank must reach it alone without simulating the others.
+    /// The cut `plan` (and `run --rank` with `--rebalance-ranks`) uses: BlendServe's sharding
+    /// re-cut by the simulator's rebalancing passes (`sim::ranks::simulate_ranks`, each rank
+    /// simulated under `policy`), so the ranks' predicted times come out even as `sim --ranks`
+    /// reports them. The simulation is deterministic, so every rank reaches the same cut alone.
     fn rebalance(&mut self, policy: &str) -> Result<()> {
         let ranks = self.shards.len();
         if ranks < 2 || self.sharding == Sharding::RoundRobin || self.workload.is_empty() {

@@ -148,6 +148,12 @@ pub struct RunArgs {
     /// gathering them), either with :SEGMENTS_PER_RANK, round-robin.
     #[arg(long, default_value = "blendserve")]
     pub sharding: String,
+    /// With --rank / --devices: every rank first runs the simulator's rebalancing passes on the
+    /// whole input (as `plan` and `sim --ranks` do) and cuts alike from their result, so the
+    /// ranks' predicted times come out even; costs each rank about (1 + passes) simulations of
+    /// the input before it starts.
+    #[arg(long)]
+    pub rebalance_ranks: bool,
 }
 
 /// One row of --timeline.

@@ -446,6 +446,24 @@ fn ranks_run_their_shares_and_merge_into_the_single_run() {
     ]);
     assert_same_results(&merged, &single, "--devices 0,1");
     assert!(dir.path().join("devices.rank-1.jsonl").exists());
+    // Every rank reaches the same rebalanced cut alone.
+    let merged = dir.path().join("rebalanced.jsonl");
+    run_ok(&[
+        "run",
+        "--input",
+        input_s,
+        "--devices",
+        "0,1",
+        "--rebalance-ranks",
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert_same_results(&merged, &single, "--devices 0,1 --rebalance-ranks");
+    let log = std::fs::read_to_string(dir.path().join("rebalanced.rank-0.log")).unwrap();
+    assert!(
+        log.contains("rebalancing passes") && !log.contains(", 0 rebalancing passes"),
+        "rank 0 did not rebalance: {log}"
+    );
     assert!(dir.path().join("devices.rank-1.report.json").exists());
     // plan cuts OpenAI batch files only: a native workload's shards would not keep its prompts.
     let native = dir.path().join("native.jsonl");
