@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use prefix_tree::{resource_aware_order, Demand, OrderedRequest, RequestIndex, TreeLayout};
 
-use crate::{Executor, PerfModel, Preparation, SchedulerError};
+use crate::{PerfModel, Preparation, SchedulerError, StepCost};
 
 /// How a workload is cut into ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,23 +270,18 @@ impl<'a> TailModel<'a> {
         }
     }
 
-    /// Seconds one rank takes for `compute_secs` and `memory_secs` of work under the executor,
-    /// no faster than the work's energy at the power limit.
+    /// Seconds one rank takes for `compute_secs` and `memory_secs` of work, priced by the
+    /// performance model as one compute-bound and one memory-bound operator (each at its
+    /// roofline and its energy's floor, combined as the executor combines a step's).
     fn secs(&self, compute_secs: f64, memory_secs: f64) -> f64 {
         let h = &self.perf.hardware;
-        let power = h.power_floor_secs(
-            compute_secs * h.effective_flops(),
-            memory_secs * h.effective_bytes_per_sec(),
-        );
-        let sequential = (compute_secs + memory_secs).max(power);
-        let overlapped = compute_secs.max(memory_secs).max(power);
-        match self.perf.executor {
-            Executor::Sequential => sequential,
-            Executor::Overlapped => overlapped,
-            Executor::Partial { overlap_efficiency } => {
-                sequential - overlap_efficiency * (sequential - overlapped)
-            }
-        }
+        self.perf
+            .time(&StepCost {
+                gemm_flops: compute_secs * h.effective_flops(),
+                decode_kv_bytes: memory_secs * h.effective_bytes_per_sec(),
+                ..StepCost::default()
+            })
+            .secs
     }
 
     /// The largest fraction of the rest a rank holding `fixed` (and the weight passes
