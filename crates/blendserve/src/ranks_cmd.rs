@@ -350,19 +350,37 @@ struct Manifest {
     per_rank: Vec<PlannedRank>,
 }
 
-/// The simulator's view of `requests` alone: predicted seconds, density, shared prompt tokens.
-fn predict(workload: &Workload, perf: &PerfModel, policy: &str) -> Result<(f64, f64, f64)> {
+/// The simulator's settings for `plan`'s predictions and rebalancing: the run's model,
+/// hardware and executor, output lengths as planned.
+fn plan_sim_config(perf: &PerfModel) -> sim::SimConfig {
+    let mut config = sim::SimConfig::new(perf.model.clone(), perf.hardware.clone(), perf.executor);
+    config.lengths = LengthKnowledge::Known;
+    config
+}
+
+/// The simulator's view of `requests` alone: predicted seconds (`simulated_secs` where the
+/// rebalancing already simulated them, else a run of the simulator), density, shared prompt
+/// tokens.
+fn predict(
+    workload: &Workload,
+    perf: &PerfModel,
+    policy: &str,
+    simulated_secs: Option<f64>,
+) -> Result<(f64, f64, f64)> {
     if workload.is_empty() {
         return Ok((0.0, 1.0, 0.0));
     }
-    let mut config = sim::SimConfig::new(perf.model.clone(), perf.hardware.clone(), perf.executor);
-    config.lengths = LengthKnowledge::Known;
-    let simulation = sim::Simulation::new(workload, config)?;
-    let kind = scheduler::PolicyKind::parse(policy)?;
-    let report = simulation.run(policy, &kind, &mut |_, _| {})?;
+    let simulation = sim::Simulation::new(workload, plan_sim_config(perf))?;
+    let secs = match simulated_secs {
+        Some(secs) => secs,
+        None => {
+            let kind = scheduler::PolicyKind::parse(policy)?;
+            simulation.run(policy, &kind, &mut |_, _| {})?.makespan_secs
+        }
+    };
     let p = simulation.preparation();
     let shared = p.tree.sharing_ratio() * p.tree.total_prompt_tokens() as f64;
-    Ok((report.makespan_secs, p.annotation.total().density(), shared))
+    Ok((secs, p.annotation.total().density(), shared))
 }
 
 /// Writes `plan`'s shard files and manifest (see `run_cmd::plan`): rank k's file is the input
@@ -379,10 +397,15 @@ fn write_plan(
         workload,
         shards,
         perf,
-        rebalancing_passes,
+        simulated,
         ..
     } = cut;
     let ranks = shards.len();
+    // The rebalancing's times, where it simulated every rank (it leaves out empty ones).
+    let rank_secs = simulated
+        .as_ref()
+        .map(|s| &s.rank_secs)
+        .filter(|secs| secs.len() == ranks);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut per_rank = Vec::with_capacity(ranks);
     for (rank, ids) in shards.iter().enumerate() {
@@ -397,7 +420,8 @@ fn write_plan(
         let path = dir.join(&name);
         std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
         let mine = sim::ranks::sub_workload(workload, ids);
-        let (predicted_secs, density, shared_prompt_tokens) = predict(&mine, perf, policy)?;
+        let known = rank_secs.map(|secs| secs[rank]);
+        let (predicted_secs, density, shared_prompt_tokens) = predict(&mine, perf, policy, known)?;
         per_rank.push(PlannedRank {
             rank,
             file: name,
@@ -407,7 +431,12 @@ fn write_plan(
             shared_prompt_tokens,
         });
     }
-    let (single, _, shared) = predict(workload, perf, policy)?;
+    let (single, _, shared) = predict(
+        workload,
+        perf,
+        policy,
+        simulated.as_ref().map(|s| s.single_secs),
+    )?;
     let manifest = Manifest {
         ranks,
         sharding: sharding.to_string(),
@@ -419,7 +448,7 @@ fn write_plan(
             .iter()
             .map(|r| r.predicted_secs)
             .fold(0.0, f64::max),
-        rebalancing_passes: *rebalancing_passes,
+        rebalancing_passes: cut.rebalancing_passes(),
         sharing_kept: if shared > 0.0 {
             per_rank.iter().map(|r| r.shared_prompt_tokens).sum::<f64>() / shared
         } else {
@@ -513,7 +542,7 @@ pub(crate) fn keep_rank(
     tracing::info!(
         "rank {rank} of {ranks} ({}, {} rebalancing passes): {} of {jobs} requests",
         cut.sharding,
-        cut.rebalancing_passes,
+        cut.rebalancing_passes(),
         cut.of_entry.iter().filter(|r| **r == Some(rank)).count()
     );
     Ok(kept)
@@ -528,15 +557,25 @@ struct EntryRanks {
     shards: Vec<Vec<RequestIndex>>,
     sharding: Sharding,
     perf: PerfModel,
-    /// Cuts simulated after the first ([`EntryRanks::rebalance`]).
-    rebalancing_passes: usize,
+    /// What [`EntryRanks::rebalance`] simulated, if it ran.
+    simulated: Option<Simulated>,
+}
+
+/// The simulator's times for a rebalanced cut, kept for the manifest.
+struct Simulated {
+    /// Cuts simulated after the first.
+    passes: usize,
+    single_secs: f64,
+    /// Each rank's time, rank order (the simulator leaves out an empty rank).
+    rank_secs: Vec<f64>,
 }
 
 impl EntryRanks {
     fn new(entries: &[Entry], args: &RunArgs, info: &ModelInfo, ranks: usize) -> Result<Self> {
         let sharding: Sharding = args.sharding.parse()?;
         let requests: Vec<Option<Request>> = entries.iter().map(Entry::scheduler_request).collect();
-        let is_job: Vec<bool> = requests.iter().map(Option::is_some).collect();
+        // A job's rank is set by `assign`; lines refused up front have none.
+        let of_entry = requests.iter().map(|r| r.as_ref().map(|_| 0)).collect();
         let workload = Workload {
             requests: requests.into_iter().flatten().collect(),
             sources: vec!["run".into()],
@@ -558,25 +597,37 @@ impl EntryRanks {
             ranks,
             (sharding, args.scheduler.max_batch_tokens),
         );
-        let mut rank_of = vec![0; workload.len()];
+        let mut cut = EntryRanks {
+            of_entry,
+            workload,
+            shards: Vec::new(),
+            sharding,
+            perf,
+            simulated: None,
+        };
+        cut.assign(shards);
+        Ok(cut)
+    }
+
+    /// Takes `shards` as the cut: each job entry gets its request's rank (jobs are the
+    /// workload's requests in entry order).
+    fn assign(&mut self, shards: Vec<Vec<RequestIndex>>) {
+        let mut rank_of = vec![0; self.workload.len()];
         for (rank, ids) in shards.iter().enumerate() {
             for &i in ids {
                 rank_of[i as usize] = rank;
             }
         }
         let mut job_ranks = rank_of.into_iter();
-        let of_entry = is_job
-            .into_iter()
-            .map(|job| if job { job_ranks.next() } else { None })
-            .collect();
-        Ok(EntryRanks {
-            of_entry,
-            workload,
-            shards,
-            sharding,
-            perf,
-            rebalancing_passes: 0,
-        })
+        for r in self.of_entry.iter_mut().flatten() {
+            *r = job_ranks.next().unwrap_or(0);
+        }
+        self.shards = shards;
+    }
+
+    /// Cuts simulated after the first (0 where the cut was not rebalanced).
+    fn rebalancing_passes(&self) -> usize {
+        self.simulated.as_ref().map_or(0, |s| s.passes)
     }
 
     /// The cut `plan` (and `run --rank` with `--rebalance-ranks`) uses: BlendServe's sharding
@@ -588,12 +639,7 @@ impl EntryRanks {
         if ranks < 2 || self.sharding == Sharding::RoundRobin || self.workload.is_empty() {
             return Ok(());
         }
-        let mut config = sim::SimConfig::new(
-            self.perf.model.clone(),
-            self.perf.hardware.clone(),
-            self.perf.executor,
-        );
-        config.lengths = LengthKnowledge::Known;
+        let config = plan_sim_config(&self.perf);
         let single = sim::Simulation::new(&self.workload, config.clone())?;
         let kind = scheduler::PolicyKind::parse(policy)?;
         let report = single.run(policy, &kind, &mut |_, _| {})?;
@@ -609,19 +655,12 @@ impl EntryRanks {
         if kept.shards.len() != ranks {
             return Ok(());
         }
-        let mut rank_of = vec![0; self.workload.len()];
-        for (rank, ids) in kept.shards.iter().enumerate() {
-            for &i in ids {
-                rank_of[i as usize] = rank;
-            }
-        }
-        // Jobs are the workload's requests in entry order.
-        let mut job_ranks = rank_of.into_iter();
-        for r in self.of_entry.iter_mut().flatten() {
-            *r = job_ranks.next().unwrap_or(0);
-        }
-        self.shards = kept.shards;
-        self.rebalancing_passes = kept.passes - 1;
+        self.simulated = Some(Simulated {
+            passes: kept.passes - 1,
+            single_secs: report.makespan_secs,
+            rank_secs: kept.per_rank.iter().map(|r| r.makespan_secs).collect(),
+        });
+        self.assign(kept.shards);
         Ok(())
     }
 }
